@@ -1,0 +1,224 @@
+"""MRConv: reparameterized multi-resolution long convolution (Cunningham et al., NeurIPS 2024).
+
+Training form: ``y = sum_i alpha_i * BN_i(k_i * u)`` over ``N`` branches whose kernels grow as ``l0 * 2**i``.
+Inference form (``reparameterize()`` or ``inference_mode=True``): one depthwise long kernel per channel and
+direction plus a bias, applied with a cached kernel spectrum (FFT) or a cached Toeplitz matrix for short inputs.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+from . import kernels as K
+
+# Inputs up to this length use a per-channel Toeplitz matmul instead of FFTs (measured with
+# `python -m pipelines.benchmark layer`; see the README's figures).
+TOEPLITZ_MAX_LEN = 200
+
+
+class MRConv(nn.Module):
+    """Multi-resolution depthwise long convolution over ``(B, dim, L)``.
+
+    Args:
+        dim: channels ``D``; every convolution is depthwise.
+        seq_len: the sequence length the kernels are laid out for (the longest branch is clipped to it).
+            Other lengths work at run time: taps that cannot reach the input are dropped.
+        l0: length of the shortest kernel; branch ``i`` has length ``l0 * 2**i``.
+        kernel_type: ``dilated``, ``fourier``, ``sparse``, ``fourier_sparse`` (default) or ``dense``.
+        bidirectional: forward and backward kernels (images); ``False`` is causal.
+        max_resolutions: cap on the number of branches ``N``.
+        n_modes: complex Fourier modes per branch and channel (``fourier``, ``fourier_sparse``).
+        n_sparse: non-zero taps per branch and channel (``sparse``, ``fourier_sparse``).
+        seed: seed of the sparse tap positions (a buffer saved with the model, never resampled).
+        conv_impl: ``auto`` (Toeplitz matmul up to ``TOEPLITZ_MAX_LEN``, FFT above), ``fft`` or ``toeplitz``.
+        inference_mode: build the fused single-kernel form directly (to load a fused ``state_dict``).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        seq_len: int,
+        l0: int,
+        kernel_type: str = "fourier_sparse",
+        bidirectional: bool = True,
+        max_resolutions: int | None = None,
+        n_modes: int = 8,
+        n_sparse: int = 8,
+        seed: int = 0,
+        conv_impl: str = "auto",
+        inference_mode: bool = False,
+    ) -> None:
+        super().__init__()
+        if kernel_type not in K.KERNEL_TYPES:
+            raise ValueError(f"MRConv: unknown kernel_type {kernel_type!r}; expected one of {', '.join(K.KERNEL_TYPES)}")
+        for name, value in (("dim", dim), ("seq_len", seq_len), ("l0", l0), ("n_modes", n_modes), ("n_sparse", n_sparse)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"MRConv: {name} must be an integer >= 1, got {value!r}")
+        if max_resolutions is not None and max_resolutions < 1:
+            raise ValueError(f"MRConv: max_resolutions must be >= 1 or None, got {max_resolutions!r}")
+        if conv_impl not in ("auto", "fft", "toeplitz"):
+            raise ValueError(f"MRConv: conv_impl must be 'auto', 'fft' or 'toeplitz', got {conv_impl!r}")
+        self.dim, self.seq_len, self.l0 = dim, seq_len, l0
+        self.kernel_type, self.bidirectional, self.conv_impl = kernel_type, bidirectional, conv_impl
+        self.dirs = 2 if bidirectional else 1
+        if kernel_type == "dilated":  # l0 taps at dilation 2**i span l0 * 2**i lags, whatever the input length
+            self.lengths = [l0 * 2**i for i in range(K.num_resolutions(seq_len, l0, max_resolutions))]
+        else:
+            self.lengths = K.resolution_lengths(seq_len, l0, max_resolutions)
+        self.num_branches = len(self.lengths)
+        self.kernel_len = max(self.lengths)
+        self.n_modes = min(n_modes, self.lengths[0] // 2 + 1)
+        self.n_sparse = min(n_sparse, self.lengths[0])
+        self.seed = seed
+        self.inference_mode = inference_mode
+        self._cache: tuple[tuple, torch.Tensor] | None = None
+        if inference_mode:
+            self._init_fused()
+        else:
+            self._init_branches()
+
+    # ----------------------------------------------------------------------------------------------- construction
+    def _init_branches(self) -> None:
+        dirs, n, d = self.dirs, self.num_branches, self.dim
+        kt = self.kernel_type
+        if kt in ("fourier", "fourier_sparse"):
+            m = self.n_modes
+            self.fourier_modes = nn.Parameter(torch.randn(dirs, n, d, m, 2) / math.sqrt(2 * m))
+        if kt in ("sparse", "fourier_sparse"):
+            k = self.n_sparse
+            gen = torch.Generator().manual_seed(self.seed)
+            index = [[torch.randperm(length, generator=gen)[:k].sort().values for length in self.lengths]
+                     for _ in range(dirs)]
+            self.register_buffer("sparse_index", torch.stack([torch.stack(row) for row in index]))
+            self.sparse_values = nn.Parameter(torch.randn(dirs, n, d, k) / math.sqrt(k))
+        if kt == "fourier_sparse":
+            self.beta = nn.Parameter(torch.ones(dirs, n, 2))
+        if kt == "dense":
+            self.dense_kernels = nn.ParameterList(
+                [nn.Parameter(torch.randn(dirs, d, length) / math.sqrt(length)) for length in self.lengths])
+        if kt == "dilated":
+            self.dilated_taps = nn.Parameter(torch.randn(dirs, n, d, self.l0) / math.sqrt(self.l0))
+        self.norm = nn.BatchNorm1d(n * d)  # BN_i of every branch as one BN over (branch, channel)
+        self.alpha = nn.Parameter(torch.full((n, d), 1.0 / math.sqrt(n)))
+
+    def _init_fused(self) -> None:
+        self.weight = nn.Parameter(torch.zeros(self.dirs, self.dim, self.kernel_len))
+        self.bias = nn.Parameter(torch.zeros(self.dim))
+
+    # ------------------------------------------------------------------------------------------------- kernels
+    def branch_kernels(self) -> torch.Tensor:
+        """Dense kernels of every branch, zero padded to the longest: (dirs, N, D, kernel_len)."""
+        if self.inference_mode:
+            raise RuntimeError("MRConv: the fused form has no branches left (it was built or folded with "
+                               "inference_mode=True)")
+        kt, length = self.kernel_type, self.kernel_len
+        if kt == "dilated":
+            return torch.stack([K.dilated_dense(self.dilated_taps[:, i], 2**i, length)
+                                for i in range(self.num_branches)], dim=1)
+        if kt == "dense":
+            return K.pad_to(list(self.dense_kernels), length)
+        parts = []
+        if kt in ("fourier", "fourier_sparse"):
+            modes = torch.view_as_complex(self.fourier_modes)
+            parts.append(K.pad_to([K.fourier_kernel(modes[:, i], li) for i, li in enumerate(self.lengths)], length))
+        if kt in ("sparse", "fourier_sparse"):
+            parts.append(K.sparse_kernel(self.sparse_values, self.sparse_index, length))
+        if kt == "fourier_sparse":
+            beta = self.beta[..., None, None]
+            return beta[:, :, 0] * parts[0] + beta[:, :, 1] * parts[1]
+        return parts[0]
+
+    def fused_kernel(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The single kernel (dirs, D, kernel_len) and bias (D) this layer computes in eval mode.
+
+        Also the learnable kernel decay diagnostic: at lag ``t`` only branches longer than ``|t|`` contribute, so
+        ``alpha`` and the BN scales shape the envelope (see ``kernel_envelope``).
+        """
+        if self.inference_mode:
+            return self.weight, self.bias
+        n, d = self.num_branches, self.dim
+        bn = self.norm
+        return K.fold_branches(self.branch_kernels(), self.alpha, bn.weight.view(n, d), bn.bias.view(n, d),
+                               bn.running_mean.view(n, d), bn.running_var.view(n, d), bn.eps)
+
+    @torch.no_grad()
+    def kernel_envelope(self) -> torch.Tensor:
+        """Mean absolute value over channels of the fused kernel at every lag: (dirs, kernel_len)."""
+        return self.fused_kernel()[0].abs().mean(dim=1)
+
+    @torch.no_grad()
+    def reparameterize(self) -> None:
+        """Fold the branches into one kernel and bias in place (timm's convention; idempotent)."""
+        if self.inference_mode:
+            return
+        weight, bias = self.fused_kernel()
+        for name in ("fourier_modes", "sparse_values", "beta", "dense_kernels", "dilated_taps", "norm", "alpha"):
+            if hasattr(self, name):
+                delattr(self, name)
+        if hasattr(self, "sparse_index"):
+            del self._buffers["sparse_index"]
+        self.inference_mode = True
+        self.weight = nn.Parameter(weight.detach().clone())
+        self.bias = nn.Parameter(bias.detach().clone())
+        self._cache = None
+
+    # ------------------------------------------------------------------------------------------------- forward
+    def _use_toeplitz(self, length: int) -> bool:
+        return self.conv_impl == "toeplitz" or (self.conv_impl == "auto" and length <= TOEPLITZ_MAX_LEN)
+
+    def _operator(self, kernels: torch.Tensor, length: int) -> tuple[str, torch.Tensor, int]:
+        """Kernels (dirs, K, D, l) -> how to apply them to a length-``length`` input: Toeplitz matrices or a
+        spectrum with its FFT size."""
+        fwd, bwd = K.truncate(kernels, length)
+        if self._use_toeplitz(length):
+            return "toeplitz", K.toeplitz(fwd, bwd, length), 0
+        n = K.fft_size(length, fwd.shape[-1], 0 if bwd is None else bwd.shape[-1])
+        return "fft", K.kernel_spectrum(fwd, bwd, n), n
+
+    @staticmethod
+    def _run(u: torch.Tensor, op: tuple[str, torch.Tensor, int]) -> torch.Tensor:
+        kind, tensor, n = op
+        return K.toeplitz_conv(u, tensor) if kind == "toeplitz" else K.fft_conv(u, tensor, n)
+
+    def _fused_operator(self, length: int) -> tuple[str, torch.Tensor, int]:
+        weight = self.weight.unsqueeze(1)
+        if torch.is_grad_enabled() and self.weight.requires_grad:
+            return self._operator(weight, length)  # being trained: no cache, gradients flow
+        key = (length, self.conv_impl, self.weight.device, self.weight.dtype, self.weight.data_ptr(),
+               self.weight._version)
+        if self._cache is None or self._cache[0] != key:
+            with torch.no_grad():
+                self._cache = (key, self._operator(weight, length))
+        return self._cache[1]
+
+    def _branch_outputs(self, u: torch.Tensor) -> torch.Tensor:
+        """``k_i * u`` for every branch: (B, N, D, L)."""
+        if self.kernel_type == "dilated":  # direct dilated convolutions, one per resolution
+            return torch.stack([K.dilated_conv(u, self.dilated_taps[:, i], 2**i)
+                                for i in range(self.num_branches)], dim=1)
+        return self._run(u, self._operator(self.branch_kernels(), u.shape[-1]))
+
+    def forward(self, u: torch.Tensor) -> torch.Tensor:
+        if u.ndim != 3 or u.shape[1] != self.dim:
+            raise ValueError(f"MRConv expects input of shape (batch, dim={self.dim}, length), "
+                             f"got {tuple(u.shape)}")
+        dtype = u.dtype
+        # FFTs and the BN statistics run in fp32 even under bf16/fp16 autocast (cuFFT has no bf16 path).
+        with torch.autocast(device_type=u.device.type, enabled=False):
+            if u.dtype in (torch.float16, torch.bfloat16):
+                u = u.float()
+            if self.inference_mode:
+                y = self._run(u, self._fused_operator(u.shape[-1]))[:, 0] + self.bias[:, None]
+            else:
+                b, d, length = u.shape
+                c = self._branch_outputs(u).reshape(b, self.num_branches * d, length)
+                c = self.norm(c).view(b, self.num_branches, d, length)
+                y = torch.einsum("bndl,nd->bdl", c, self.alpha)
+        return y.to(dtype)
+
+    def extra_repr(self) -> str:
+        form = "fused" if self.inference_mode else f"{self.kernel_type}, branches={self.lengths}"
+        return (f"dim={self.dim}, seq_len={self.seq_len}, l0={self.l0}, {form}, "
+                f"{'bidirectional' if self.bidirectional else 'causal'}")

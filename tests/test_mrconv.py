@@ -1,0 +1,300 @@
+"""The MRConv layer against naive references: O(L^2) convolutions, kernels built tap by tap, BN by hand."""
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+
+from models import MRConv
+from models import kernels as K
+
+KERNEL_TYPES = K.KERNEL_TYPES
+torch.set_num_threads(1)
+
+
+# ----------------------------------------------------------------------------------------------- naive references
+def naive_conv(u: torch.Tensor, fwd: torch.Tensor, bwd: torch.Tensor | None) -> torch.Tensor:
+    """y[b, d, t] = sum_j fwd[d, j] u[t - j] + sum_j bwd[d, j] u[t + j + 1], zero outside [0, L)."""
+    b, d, length = u.shape
+    y = torch.zeros_like(u)
+    for t in range(length):
+        for j in range(fwd.shape[-1]):
+            if 0 <= t - j < length:
+                y[:, :, t] += fwd[:, j] * u[:, :, t - j]
+        if bwd is not None:
+            for j in range(bwd.shape[-1]):
+                if t + j + 1 < length:
+                    y[:, :, t] += bwd[:, j] * u[:, :, t + j + 1]
+    return y
+
+
+def naive_fourier(modes: torch.Tensor, length: int) -> torch.Tensor:
+    """k[t] = Re sum_f c_f X_f exp(2 pi i f t / n), c_0 = 1, c_f = 2 (and 1 at Nyquist): irfft with norm='forward'."""
+    t = torch.arange(length, dtype=torch.float64)
+    out = torch.zeros(*modes.shape[:-1], length, dtype=torch.float64)
+    for f in range(min(modes.shape[-1], length // 2 + 1)):
+        weight = 1.0 if f == 0 or (length % 2 == 0 and f == length // 2) else 2.0
+        x = modes[..., f].to(torch.complex128)
+        if weight == 1.0:
+            x = x.real.to(torch.complex128)  # irfft ignores the imaginary part of DC and Nyquist
+        out += weight * (x[..., None] * torch.exp(2j * math.pi * f * t / length)).real
+    return out
+
+
+def naive_branch_kernels(layer: MRConv) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+    """(forward, backward) dense kernels of every branch, built tap by tap from the parameters."""
+    out = []
+    for i, length in enumerate(layer.lengths):
+        dirs = []
+        for di in range(layer.dirs):
+            kt = layer.kernel_type
+            if kt == "dilated":
+                k = torch.zeros(layer.dim, length, dtype=torch.float64)
+                for j in range(layer.l0):
+                    k[:, j * 2**i + (2**i - 1 if di == 1 else 0)] = layer.dilated_taps[di, i, :, j].double()
+            elif kt == "dense":
+                k = layer.dense_kernels[i][di].double()
+            else:
+                k = torch.zeros(layer.dim, length, dtype=torch.float64)
+                if kt in ("fourier", "fourier_sparse"):
+                    modes = torch.view_as_complex(layer.fourier_modes[di, i].detach().contiguous())
+                    fourier = naive_fourier(modes, length)
+                    k += fourier * (layer.beta[di, i, 0].double() if kt == "fourier_sparse" else 1.0)
+                if kt in ("sparse", "fourier_sparse"):
+                    sparse = torch.zeros(layer.dim, length, dtype=torch.float64)
+                    for j, pos in enumerate(layer.sparse_index[di, i].tolist()):
+                        sparse[:, pos] = layer.sparse_values[di, i, :, j].double()
+                    k += sparse * (layer.beta[di, i, 1].double() if kt == "fourier_sparse" else 1.0)
+            dirs.append(k.detach())
+        out.append((dirs[0], dirs[1] if layer.dirs == 2 else None))
+    return out
+
+
+def naive_layer_eval(layer: MRConv, u: torch.Tensor) -> torch.Tensor:
+    """sum_i alpha_i * BN_i(k_i * u) with BN in eval mode, everything in float64, loops over branches."""
+    n, d = layer.num_branches, layer.dim
+    bn = layer.norm
+    mean, var = bn.running_mean.view(n, d).double(), bn.running_var.view(n, d).double()
+    gamma, beta = bn.weight.view(n, d).double().detach(), bn.bias.view(n, d).double().detach()
+    y = torch.zeros_like(u, dtype=torch.float64)
+    for i, (fwd, bwd) in enumerate(naive_branch_kernels(layer)):
+        c = naive_conv(u.double(), fwd, bwd)
+        c = (c - mean[i, :, None]) / torch.sqrt(var[i, :, None] + bn.eps) * gamma[i, :, None] + beta[i, :, None]
+        y += layer.alpha[i].double().detach()[:, None] * c
+    return y
+
+
+def trained_layer(kernel_type: str, bidirectional: bool, *, dim=4, seq_len=40, l0=5, steps=3, seed=0,
+                  conv_impl="auto") -> MRConv:
+    """A layer after a few real optimizer steps in train mode (so weights and BN statistics moved), in eval mode."""
+    torch.manual_seed(seed)
+    layer = MRConv(dim, seq_len, l0, kernel_type=kernel_type, bidirectional=bidirectional, seed=seed,
+                   conv_impl=conv_impl)
+    opt = torch.optim.AdamW(layer.parameters(), lr=0.05)
+    target = torch.randn(2, dim, seq_len)
+    for _ in range(steps):
+        x = 3 * torch.randn(2, dim, seq_len) + 1.5
+        loss = (layer(x) - target).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return layer.eval()
+
+
+# ----------------------------------------------------------------------------------------------- pure functions
+def test_next_fast_len_matches_brute_force():
+    def smooth(n):
+        for p in (2, 3, 5):
+            while n % p == 0:
+                n //= p
+        return n == 1
+
+    for n in range(1, 400):
+        expected = next(m for m in range(n, 4 * n + 2) if smooth(m))
+        assert K.next_fast_len(n) == expected, n
+
+
+def test_resolutions_follow_the_paper_stage_layout():
+    assert K.resolution_lengths(3136, 196) == [196, 392, 784, 1568, 3136]
+    assert K.resolution_lengths(784, 49) == [49, 98, 196, 392, 784]
+    assert K.resolution_lengths(196, 28) == [28, 56, 112, 196]
+    assert K.resolution_lengths(49, 28) == [28, 49]
+    assert K.resolution_lengths(10, 28) == [10]
+    assert K.resolution_lengths(3136, 196, max_resolutions=3) == [196, 392, 784]
+
+
+@pytest.mark.parametrize("impl", ["fft", "toeplitz"])
+@pytest.mark.parametrize("length", [1, 2, 7, 13, 31])
+@pytest.mark.parametrize("bidirectional", [True, False])
+def test_long_conv_equals_naive_convolution(impl, length, bidirectional):
+    torch.manual_seed(length)
+    u = torch.randn(2, 3, length, dtype=torch.float64)
+    for klen in (1, 4, length, 2 * length + 3):  # shorter and longer than the input
+        kernels = torch.randn(2 if bidirectional else 1, 1, 3, klen, dtype=torch.float64)
+        fwd, bwd = K.truncate(kernels, length)
+        if impl == "fft":
+            n = K.fft_size(length, fwd.shape[-1], 0 if bwd is None else bwd.shape[-1])
+            y = K.fft_conv(u, K.kernel_spectrum(fwd, bwd, n), n)[:, 0]
+        else:
+            y = K.toeplitz_conv(u, K.toeplitz(fwd, bwd, length))[:, 0]
+        ref = naive_conv(u, kernels[0, 0], kernels[1, 0] if bidirectional else None)
+        torch.testing.assert_close(y, ref, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("bidirectional", [True, False])
+def test_dilated_direct_conv_equals_its_dense_expansion(bidirectional):
+    torch.manual_seed(1)
+    u = torch.randn(2, 3, 37, dtype=torch.float64)
+    taps = torch.randn(2 if bidirectional else 1, 3, 5, dtype=torch.float64)
+    for dilation in (1, 2, 4, 16):
+        dense = K.dilated_dense(taps, dilation, 5 * dilation)
+        ref = naive_conv(u, dense[0], dense[1] if bidirectional else None)
+        torch.testing.assert_close(K.dilated_conv(u, taps, dilation), ref, rtol=1e-10, atol=1e-10)
+
+
+def test_fourier_kernel_equals_explicit_inverse_dft():
+    torch.manual_seed(2)
+    modes = torch.randn(3, 6, dtype=torch.complex128)
+    for length in (5, 12, 13, 64):
+        torch.testing.assert_close(K.fourier_kernel(modes, length), naive_fourier(modes, length))
+
+
+def test_fold_equals_branch_sum_by_hand():
+    torch.manual_seed(3)
+    dirs, n, d, length = 2, 3, 4, 9
+    kernels = torch.randn(dirs, n, d, length, dtype=torch.float64)
+    alpha, gamma, beta, mean = (torch.randn(n, d, dtype=torch.float64) for _ in range(4))
+    var = torch.rand(n, d, dtype=torch.float64) + 0.1
+    kernel, bias = K.fold_branches(kernels, alpha, gamma, beta, mean, var, 1e-5)
+    u = torch.randn(2, d, 15, dtype=torch.float64)
+    expected = sum(alpha[i, :, None] * ((naive_conv(u, kernels[0, i], kernels[1, i]) - mean[i, :, None])
+                                        / torch.sqrt(var[i, :, None] + 1e-5) * gamma[i, :, None] + beta[i, :, None])
+                   for i in range(n))
+    torch.testing.assert_close(naive_conv(u, kernel[0], kernel[1]) + bias[:, None], expected)
+
+
+# ----------------------------------------------------------------------------------------------- the layer
+@pytest.mark.parametrize("impl", ["fft", "toeplitz"])
+@pytest.mark.parametrize("bidirectional", [True, False])
+@pytest.mark.parametrize("kernel_type", KERNEL_TYPES)
+def test_layer_equals_naive_reference(kernel_type, bidirectional, impl):
+    layer = trained_layer(kernel_type, bidirectional, conv_impl=impl)
+    for length in (40, 23, 3):  # the layout length, a prime, shorter than l0
+        u = torch.randn(2, layer.dim, length)
+        with torch.no_grad():
+            y = layer(u).double()
+        ref = naive_layer_eval(layer, u)
+        assert (y - ref).abs().max() <= 1e-5 * ref.abs().max(), (kernel_type, length)
+
+
+@pytest.mark.parametrize("impl", ["fft", "toeplitz"])
+@pytest.mark.parametrize("kernel_type", KERNEL_TYPES)
+def test_causal_layer_never_sees_the_future(kernel_type, impl):
+    """An impulse at the last position must leave every earlier output unchanged; circular wrap-around would not."""
+    layer = trained_layer(kernel_type, False, conv_impl=impl).double()
+    fused = copy.deepcopy(layer)
+    fused.reparameterize()
+    u = torch.randn(1, layer.dim, 40, dtype=torch.float64)
+    impulse = torch.zeros_like(u)
+    impulse[..., -1] = 1e3
+    for m in (layer, fused):
+        with torch.no_grad():
+            delta = m(u + impulse) - m(u)
+        assert delta[..., -1].abs().max() > 1.0  # the impulse does reach its own position
+        earlier = delta[..., :-1].abs().max().item()
+        if impl == "toeplitz" or kernel_type == "dilated" and m is layer:
+            assert earlier == 0.0
+        else:  # FFT rounding only (float64): a wrap-around would be O(1e3)
+            assert earlier < 1e-9
+
+
+@pytest.mark.parametrize("impl", ["fft", "toeplitz"])
+@pytest.mark.parametrize("bidirectional", [True, False])
+@pytest.mark.parametrize("kernel_type", KERNEL_TYPES)
+def test_fold_is_exact_after_training(kernel_type, bidirectional, impl):
+    layer = trained_layer(kernel_type, bidirectional, conv_impl=impl, steps=5)
+    assert not torch.allclose(layer.norm.running_var, torch.ones_like(layer.norm.running_var))
+    fused = copy.deepcopy(layer)
+    fused.reparameterize()
+    assert fused.inference_mode and not hasattr(fused, "alpha") and not hasattr(fused, "norm")
+    for length, batch in ((40, 3), (29, 1), (4, 2), (57, 2)):
+        u = 2 * torch.randn(batch, layer.dim, length) + 0.5
+        with torch.no_grad():
+            ref, out = layer(u), fused(u)
+        assert (out - ref).abs().max() <= 1e-5 * ref.abs().max(), (length, batch)
+
+    # the fused state_dict loads into a layer built fused, and computes the same
+    rebuilt = MRConv(layer.dim, layer.seq_len, layer.l0, kernel_type=kernel_type, bidirectional=bidirectional,
+                     conv_impl=impl, inference_mode=True)
+    rebuilt.load_state_dict(fused.state_dict())
+    u = torch.randn(2, layer.dim, 40)
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(u), fused(u))
+
+
+@pytest.mark.parametrize("bidirectional", [True, False])
+@pytest.mark.parametrize("kernel_type", KERNEL_TYPES)
+def test_every_parameter_receives_a_gradient(kernel_type, bidirectional):
+    layer = MRConv(4, 40, 5, kernel_type=kernel_type, bidirectional=bidirectional)
+    layer(torch.randn(2, 4, 40)).pow(2).mean().backward()
+    for name, p in layer.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_fused_spectrum_is_cached_and_follows_length_and_weights():
+    layer = trained_layer("fourier_sparse", True, conv_impl="fft")
+    layer.reparameterize()
+    u = torch.randn(1, layer.dim, 40)
+    with torch.inference_mode():
+        first = layer(u)
+        key, op = layer._cache
+        assert layer(u).equal(first) and layer._cache[1] is op  # reused, not recomputed
+        layer(torch.randn(1, layer.dim, 33))
+        assert layer._cache[0][0] == 33  # new length, new spectrum
+    with torch.no_grad():
+        layer.weight.mul_(2)
+        layer.bias.mul_(2)
+    with torch.inference_mode():
+        torch.testing.assert_close(layer(u), 2 * first)  # stale spectrum would give `first`
+
+
+def test_sparse_positions_are_seeded_and_saved():
+    a = MRConv(4, 64, 8, kernel_type="sparse", seed=7)
+    b = MRConv(4, 64, 8, kernel_type="sparse", seed=7)
+    c = MRConv(4, 64, 8, kernel_type="sparse", seed=8)
+    assert a.sparse_index.equal(b.sparse_index) and not a.sparse_index.equal(c.sparse_index)
+    assert "sparse_index" in a.state_dict()
+    for i, length in enumerate(a.lengths):
+        assert int(a.sparse_index[:, i].max()) < length
+
+
+def test_bf16_autocast_runs_in_fp32_inside():
+    layer = MRConv(4, 40, 5)
+    x = torch.randn(2, 4, 40).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16 and torch.isfinite(y.float()).all()
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(kernel_type="wavelet"), "unknown kernel_type 'wavelet'"),
+        (dict(l0=0), "l0 must be an integer >= 1"),
+        (dict(max_resolutions=0), "max_resolutions must be >= 1"),
+        (dict(conv_impl="direct"), "conv_impl must be"),
+    ],
+)
+def test_bad_arguments_raise_value_error(kwargs, message):
+    args = dict(dim=4, seq_len=40, l0=5) | kwargs
+    with pytest.raises(ValueError, match=message):
+        MRConv(**args)
+
+
+@pytest.mark.parametrize("shape", [(2, 4), (2, 5, 40), (2, 4, 40, 1)])
+def test_wrong_input_shape_raises_value_error(shape):
+    layer = MRConv(4, 40, 5)
+    with pytest.raises(ValueError, match=r"expects input of shape \(batch, dim=4, length\)"):
+        layer(torch.randn(*shape))
