@@ -57,7 +57,7 @@ def fft_size(seq_len: int, len_fwd: int, len_bwd: int) -> int:
     Forward lags reach ``len_fwd - 1`` into the past, backward lags ``len_bwd`` into the future, so a circular
     convolution of size ``n >= L + max(len_fwd - 1, len_bwd)`` equals the linear one on outputs ``0..L-1``.
     """
-    return next_fast_len(seq_len + max(len_fwd - 1, len_bwd))
+    return next_fast_len(int(seq_len) + max(int(len_fwd) - 1, int(len_bwd)))
 
 
 def truncate(kernels: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor | None]:

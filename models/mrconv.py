@@ -198,7 +198,7 @@ class MRConv(nn.Module):
         if self.kernel_type == "dilated":  # direct dilated convolutions, one per resolution
             return torch.stack([K.dilated_conv(u, self.dilated_taps[:, i], 2**i)
                                 for i in range(self.num_branches)], dim=1)
-        return self._run(u, self._operator(self.branch_kernels(), u.shape[-1]))
+        return self._run(u, self._operator(self.branch_kernels(), int(u.shape[-1])))
 
     def forward(self, u: torch.Tensor) -> torch.Tensor:
         if u.ndim != 3 or u.shape[1] != self.dim:
@@ -210,7 +210,7 @@ class MRConv(nn.Module):
             if u.dtype in (torch.float16, torch.bfloat16):
                 u = u.float()
             if self.inference_mode:
-                y = self._run(u, self._fused_operator(u.shape[-1]))[:, 0] + self.bias[:, None]
+                y = self._run(u, self._fused_operator(int(u.shape[-1])))[:, 0] + self.bias[:, None]
             else:
                 b, d, length = u.shape
                 c = self._branch_outputs(u).reshape(b, self.num_branches * d, length)

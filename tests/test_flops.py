@@ -1,0 +1,54 @@
+"""fvcore FLOP counting with FFT handles, checked against counts worked out by hand."""
+from __future__ import annotations
+
+import copy
+import math
+
+import timm
+import pytest
+import torch
+
+import models  # noqa: F401
+from models import MRConv
+from models import kernels as K
+from pipelines.flops import count_flops, fft_macs
+
+
+def test_fft_convention():
+    assert fft_macs(8, rows=1) == 1.25 * 8 * 3
+    assert fft_macs(1024, rows=3) == 3 * 1.25 * 1024 * 10
+    assert fft_macs(1, rows=5) == 0.0
+
+
+def test_fused_layer_counts_one_rfft_and_one_irfft_per_row():
+    batch, dim, length = 2, 6, 50
+    layer = MRConv(dim, length, 5, conv_impl="fft")
+    layer.reparameterize()
+    n = K.fft_size(length, length, length - 1)
+    expected = 2 * 1.25 * batch * dim * n * math.log2(n)  # the kernel spectrum is cached: not counted
+    report = count_flops(layer, input_size=(dim, length), batch_size=batch)
+    assert report.macs == pytest.approx(expected, rel=1e-12)
+    assert "aten::fft_rfft" not in report.unsupported and "aten::fft_irfft" not in report.unsupported
+
+
+def test_unfused_fourier_layer_counts_kernel_synthesis_and_every_branch():
+    batch, dim, length, l0 = 2, 4, 40, 5
+    layer = MRConv(dim, length, l0, kernel_type="fourier", conv_impl="fft")
+    n_br = layer.num_branches
+    n = K.fft_size(length, length, length - 1)
+    expected = sum(fft_macs(li, rows=2 * dim) for li in layer.lengths)  # irfft of the modes, per branch
+    expected += fft_macs(n, rows=n_br * dim)  # spectrum of the branch kernels
+    expected += fft_macs(n, rows=batch * dim) + fft_macs(n, rows=batch * n_br * dim)  # input rfft, branch irffts
+    bn = 2 * batch * n_br * dim * length  # fvcore's eval batch_norm rule: 2 per element (affine)
+    einsum = batch * n_br * dim * length  # alpha-weighted sum
+    report = count_flops(layer, input_size=(dim, length), batch_size=batch)
+    assert report.macs == pytest.approx(expected + bn + einsum, rel=1e-12)
+
+
+def test_fused_model_counts_close_to_convnext():
+    mr = timm.create_model("mrconvnext_atto", img_size=64)
+    fused = timm.utils.reparameterize_model(copy.deepcopy(mr))
+    base = count_flops(timm.create_model("convnext_atto"), (3, 64, 64))
+    unfused, fused_r = count_flops(mr, (3, 64, 64)), count_flops(fused, (3, 64, 64))
+    assert fused_r.macs < unfused.macs
+    assert 0.5 * base.macs < fused_r.macs < 1.5 * base.macs  # the mixers are a small share of the MACs
