@@ -1,0 +1,122 @@
+"""``python -m pipelines.benchmark loader``: shard writing speed, then our shard loader vs torchvision ImageFolder.
+
+Generates ImageNet-like JPEGs (about 500x375, about 100 KB: smooth noise plus fine texture, so the JPEG size and
+decode cost are realistic), writes them as an ImageFolder tree and as shards, and measures train-loader
+throughput at 224x224 with RandAugment: ``create_train_loader`` beside ``ImageFolder`` + ``DataLoader`` with
+the same timm transform, the same images, the same worker count, rounds interleaved so both see the same
+machine load. Each round is a full epoch including worker start-up.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import resource
+import statistics
+import tempfile
+import time
+
+import numpy as np
+from PIL import Image
+
+from pipelines import data, shards
+
+CLASSES = 10
+
+
+def synthetic_jpeg(rng: np.random.Generator, width: int = 500, height: int = 375, quality: int = 90) -> bytes:
+    """Smooth colour blobs (upsampled coarse noise) plus fine texture noise, like a photo to a JPEG encoder."""
+    coarse = rng.integers(0, 256, (height // 25 + 1, width // 25 + 1, 3), dtype=np.uint8)
+    smooth = np.asarray(Image.fromarray(coarse).resize((width, height), Image.BICUBIC), dtype=np.float32)
+    texture = rng.normal(0, 18, (height, width, 1)) * rng.uniform(0.5, 1.5, (1, 1, 3))
+    pixels = np.clip(smooth + texture, 0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def make_images(root: str, num_images: int, seed: int = 0) -> int:
+    """``root/<class>/<n>.JPEG``; returns the total bytes written."""
+    rng = np.random.default_rng(seed)
+    total = 0
+    for i in range(num_images):
+        folder = os.path.join(root, f"n{i % CLASSES:08d}")
+        os.makedirs(folder, exist_ok=True)
+        jpeg = synthetic_jpeg(rng)
+        with open(os.path.join(folder, f"img_{i:06d}.JPEG"), "wb") as f:
+            f.write(jpeg)
+        total += len(jpeg)
+    return total
+
+
+def _cpu_seconds(who: int) -> float:
+    usage = resource.getrusage(who)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _epoch(loader) -> tuple[int, float, float]:
+    """(images, wall seconds, CPU seconds of the loader workers). Workers are joined at the end of an epoch
+    (not persistent), so their CPU time shows in RUSAGE_CHILDREN: a figure the other jobs sharing the cores
+    disturb much less than wall time."""
+    start, cpu = time.perf_counter(), _cpu_seconds(resource.RUSAGE_CHILDREN)
+    images = sum(len(batch[0]) for batch in loader)
+    return images, time.perf_counter() - start, _cpu_seconds(resource.RUSAGE_CHILDREN) - cpu
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipelines.benchmark loader", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--num-images", type=int, default=400)
+    parser.add_argument("--workers", type=int, default=2, help="writer processes and loader workers")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--img-size", type=int, default=224)
+    parser.add_argument("--shard-size", type=int, default=50)
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved epochs per loader")
+    parser.add_argument("--dir", help="work folder (default: a temporary folder, removed at the end)")
+    args = parser.parse_args(argv)
+
+    import torch
+    from torchvision.datasets import ImageFolder
+
+    with tempfile.TemporaryDirectory(dir=args.dir) as work:
+        src, out = os.path.join(work, "images"), os.path.join(work, "shards")
+        start = time.perf_counter()
+        total_bytes = make_images(src, args.num_images)
+        print(f"generated {args.num_images} JPEGs, {total_bytes / args.num_images / 1e3:.0f} KB each on average, "
+              f"in {time.perf_counter() - start:.1f} s")
+
+        result = shards.write_split(shards.imagefolder_source(src, "train"), out, shard_size=args.shard_size,
+                                    workers=args.workers, progress=False)
+        write_rate = result.written / result.seconds
+        print(shards.summary(result))
+
+        ours = data.create_train_loader(out, batch_size=args.batch_size, img_size=args.img_size,
+                                        num_classes=CLASSES, num_workers=args.workers, label_smoothing=0.0,
+                                        shuffle_buffer=200)
+        transform = data.train_transform(args.img_size)  # the one create_train_loader builds by default
+        folder = torch.utils.data.DataLoader(ImageFolder(src, transform=transform), batch_size=args.batch_size,
+                                             shuffle=True, drop_last=True, num_workers=args.workers)
+        loaders = {"shards (ours)": ours, "ImageFolder": folder}
+        rates: dict[str, list[float]] = {name: [] for name in loaders}
+        cpu_rates: dict[str, list[float]] = {name: [] for name in loaders}
+        for epoch in range(args.rounds):
+            ours.set_epoch(epoch)
+            for name in sorted(loaders, reverse=bool(epoch % 2)):  # alternate which goes first
+                images, seconds, cpu = _epoch(loaders[name])
+                rates[name].append(images / seconds)
+                cpu_rates[name].append(images / cpu)
+
+    workers = max(1, args.workers)
+    print(f"\n{'loader':14s} {'images/s':>9s} {'per worker':>11s} {'per CPU-s':>10s}   images/s by round   "
+          f"({args.rounds} epochs of {args.num_images // args.batch_size * args.batch_size} images, "
+          f"{args.img_size}px RandAugment, {workers} workers, medians)")
+    wall, cpu = {}, {}
+    for name, values in rates.items():
+        wall[name], cpu[name] = statistics.median(values), statistics.median(cpu_rates[name])
+        print(f"{name:14s} {wall[name]:9.1f} {wall[name] / workers:11.1f} {cpu[name]:10.1f}   "
+              + " ".join(f"{v:.0f}" for v in values))
+    ratio = cpu["shards (ours)"] / cpu["ImageFolder"]
+    print(f"\nsummary: writing {write_rate:,.0f} images/s (goal >= 1,000: {'met' if write_rate >= 1000 else 'MISSED'}); "
+          f"loading {wall['shards (ours)'] / workers:.1f} vs {wall['ImageFolder'] / workers:.1f} images/s per worker "
+          f"(wall), {cpu['shards (ours)']:.1f} vs {cpu['ImageFolder']:.1f} images per worker CPU-second: "
+          f"{ratio:.2f}x ImageFolder (goal >= 1: {'met' if ratio >= 1 else 'MISSED'})")
+    return 0

@@ -1,0 +1,403 @@
+"""Train and eval loaders over the shards written by ``python -m pipelines.shards``.
+
+Train (timm / open_clip pattern, made deterministic): each epoch the full shard list is shuffled with a seed
+shared by all ranks (``seed``, ``epoch``), split by global worker id (``rank * num_workers + worker_id``), read
+through a sample shuffle buffer, decoded, transformed and batched inside the loader workers. Every worker yields
+a fixed number of batches (it re-reads its own shards when they run short), so every rank yields exactly
+``floor(num_samples / (batch_size * world_size))`` batches and no rank waits at the end of an epoch.
+``resampled=True`` draws shards with replacement instead, seeded by (seed, epoch, rank, worker).
+
+Eval: shards are dealt to global workers in order, no shuffle, no padding: across any number of ranks and
+workers every sample is read exactly once; each worker keeps its last partial batch.
+
+A corrupt sample (bad image bytes, a truncated tar member) is logged with its shard and key, skipped and
+counted; the counts ride along with the batches to the main process, so ``ShardLoader.stats`` is exact for this
+rank. A missing or unreadable shard, or too few shards for the readers, fails in ``create_*_loader``.
+"""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+import os
+import random
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+import webdataset as wds
+from PIL import Image, ImageOps
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup, create_transform
+from timm.data.mixup import mixup_target
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+_logger = logging.getLogger(__name__)
+
+INFO_NAME = "_info.json"
+IMAGE_KEYS = ("jpg", "png", "webp")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# pure math: who reads which shard, how many batches
+
+
+def num_readers(world_size: int, num_workers: int) -> int:
+    """Global number of shard readers; a loader with 0 workers still reads in its main process."""
+    return world_size * max(1, num_workers)
+
+
+def assign_shards(shards: Sequence[str], epoch: int, seed: int, rank: int, world_size: int, num_workers: int,
+                  worker_id: int, *, shuffle: bool = True) -> list[str]:
+    """The shards global worker ``rank * num_workers + worker_id`` reads this epoch.
+
+    The permutation depends only on (seed, epoch), so all ranks agree on it and the readers' slices are
+    disjoint and cover every shard once. With ``shuffle=False`` (eval) the order is the given one."""
+    order = list(shards)
+    if shuffle:
+        random.Random(f"shards:{seed}:{epoch}").shuffle(order)
+    workers = max(1, num_workers)
+    return order[rank * workers + worker_id::num_readers(world_size, num_workers)]
+
+
+def resample_shards(shards: Sequence[str], epoch: int, seed: int, rank: int, worker_id: int) -> Iterator[str]:
+    """Endless draw with replacement, seeded by (seed, epoch, rank, worker): never by pid or time."""
+    rng = random.Random(f"resample:{seed}:{epoch}:{rank}:{worker_id}")
+    while True:
+        yield shards[rng.randrange(len(shards))]
+
+
+def batches_per_rank(num_samples: int, batch_size: int, world_size: int) -> int:
+    """Train batches per epoch on every rank (drop last): the same number on all ranks."""
+    return num_samples // (batch_size * world_size)
+
+
+def batches_per_worker(rank_batches: int, num_workers: int, worker_id: int) -> int:
+    """This worker's share of its rank's batches: a DataLoader takes batches from its workers in turn."""
+    workers = max(1, num_workers)
+    return rank_batches // workers + (1 if worker_id < rank_batches % workers else 0)
+
+
+def eval_batches(shard_lengths: dict[str, int], shards: Sequence[str], batch_size: int, rank: int,
+                 world_size: int, num_workers: int) -> int:
+    """Eval batches on ``rank``: each worker batches its own shards and keeps its last partial batch."""
+    total = 0
+    for worker_id in range(max(1, num_workers)):
+        mine = assign_shards(shards, 0, 0, rank, world_size, num_workers, worker_id, shuffle=False)
+        total += math.ceil(sum(shard_lengths[s] for s in mine) / batch_size)
+    return total
+
+
+def check_readers(data_dir: str, split: str, num_shards: int, world_size: int, num_workers: int) -> None:
+    readers = num_readers(world_size, num_workers)
+    if num_shards < readers:
+        raise ValueError(
+            f"{data_dir} split {split!r} has {num_shards} shards but {world_size} ranks x {max(1, num_workers)} "
+            f"workers = {readers} readers need at least {readers}: re-shard with a smaller --shard-size "
+            f"(python -m pipelines.shards ... --shard-size N), lower num_workers, or set resampled=True")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# _info.json and start-up checks
+
+
+def read_info(data_dir: str) -> dict:
+    """The parsed ``_info.json`` of a shard folder."""
+    path = os.path.join(data_dir, INFO_NAME)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"{path} not found: {data_dir} holds no shards written by pipelines.shards; create them with "
+            f"'python -m pipelines.shards imagefolder SRC {data_dir}' or "
+            f"'python -m pipelines.shards fashion-mnist SRC {data_dir}'")
+    with open(path) as f:
+        return json.load(f)
+
+
+def _split_shards(data_dir: str, split: str) -> tuple[list[str], dict[str, int], int]:
+    """(shard paths, samples per shard path, samples in the split); every shard checked readable."""
+    info = read_info(data_dir)
+    splits = info.get("splits", {})
+    if split not in splits:
+        raise KeyError(f"split {split!r} not in {os.path.join(data_dir, INFO_NAME)} (has {sorted(splits)}); "
+                       f"write it with python -m pipelines.shards ... --split {split}")
+    entry = splits[split]
+    shards = [os.path.join(data_dir, name) for name in entry["filenames"]]
+    if not shards:
+        raise ValueError(f"{data_dir} split {split!r} has no shards")
+    for path in shards:
+        try:
+            with open(path, "rb") as f:
+                header = f.read(512)
+        except OSError as exc:
+            raise FileNotFoundError(f"shard {path} of split {split!r} is missing or unreadable ({exc}); re-run "
+                                    f"python -m pipelines.shards on {data_dir} to rewrite it") from None
+        if len(header) < 512:
+            raise ValueError(f"shard {path} of split {split!r} is truncated ({len(header)} bytes); re-run "
+                             f"python -m pipelines.shards on {data_dir} to rewrite it")
+    return shards, dict(zip(shards, entry["shard_lengths"])), int(entry["num_samples"])
+
+
+def _mean_std(mean, std, in_chans: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    if in_chans not in (1, 3):
+        raise ValueError(f"in_chans must be 1 or 3, got {in_chans}")
+    if mean is None:
+        mean = IMAGENET_DEFAULT_MEAN if in_chans == 3 else (sum(IMAGENET_DEFAULT_MEAN) / 3,)
+    if std is None:
+        std = IMAGENET_DEFAULT_STD if in_chans == 3 else (sum(IMAGENET_DEFAULT_STD) / 3,)
+    mean, std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
+    # timm's RandAugment fills with the mean: a 3-value fill on an 'L' image raises in PIL
+    if len(mean) != in_chans or len(std) != in_chans:
+        raise ValueError(f"mean/std need {in_chans} values for in_chans={in_chans}, got {mean} / {std}")
+    return mean, std
+
+
+def _posterize(img: Image.Image, bits_to_keep: int, **_) -> Image.Image:
+    """timm's posterize with 0 bits kept (a black image, as older Pillow gave): Pillow 13 rejects bits=0,
+    which timm's 'PosterizeIncreasing' reaches whenever magnitude noise (mstd) lifts the level to its max."""
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep <= 0:
+        return Image.new(img.mode, img.size)
+    return ImageOps.posterize(img, bits_to_keep)
+
+
+def train_transform(img_size: int, *, in_chans: int = 3, auto_augment: str | None = "rand-m9-mstd0.5-inc1",
+                    re_prob: float = 0.25, hflip: float = 0.5, scale: tuple = (0.08, 1.0),
+                    interpolation: str = "bicubic", mean=None, std=None):
+    """timm's training transform (RandomResizedCrop, flip, RandAugment, normalize, random erasing)."""
+    mean, std = _mean_std(mean, std, in_chans)
+    transform = create_transform(img_size, is_training=True, auto_augment=auto_augment, re_prob=re_prob,
+                                 hflip=hflip, scale=scale, interpolation=interpolation, mean=mean, std=std)
+    for step in transform.transforms:
+        for op in getattr(step, "ops", ()):
+            if op.name.startswith("Posterize"):
+                op.aug_fn = _posterize
+    return transform
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the per-worker stream
+
+
+class _ShardStream(IterableDataset):
+    """Yields (images, targets, (corrupt samples, shard read errors) since the last yield) for one epoch."""
+
+    def __init__(self, shards: list[str], shard_lengths: dict[str, int], *, train: bool, batch_size: int,
+                 transform, image_mode: str, rank: int, world_size: int, num_workers: int, seed: int = 0,
+                 rank_batches: int = 0, resampled: bool = False, shuffle_buffer: int = 0):
+        super().__init__()
+        self.shards, self.shard_lengths = shards, shard_lengths
+        self.train, self.batch_size, self.transform, self.image_mode = train, batch_size, transform, image_mode
+        self.rank, self.world_size, self.num_workers, self.seed = rank, world_size, num_workers, seed
+        self.rank_batches, self.resampled, self.shuffle_buffer = rank_batches, resampled, shuffle_buffer
+        self.epoch = 0
+        self._skipped = 0
+        self._shard_errors = 0
+        self._read_count = 0
+        self._bad_run = 0
+
+    def _handler(self, exc: Exception) -> bool:
+        self._shard_errors += 1
+        _logger.warning("skipping unreadable shard data: %r", exc)
+        return True
+
+    def _decoded(self, samples) -> Iterator[tuple[torch.Tensor, int]]:
+        for sample in samples:
+            try:
+                data = next((sample[k] for k in IMAGE_KEYS if k in sample), None)
+                if data is None:
+                    raise ValueError(f"no image member ({'/'.join(IMAGE_KEYS)}); has {sorted(sample)}")
+                target = int(sample["cls"])
+                with Image.open(io.BytesIO(data)) as img:
+                    img = img.convert(self.image_mode)  # decodes: bad or truncated bytes raise here
+            except Exception as exc:  # PIL raises many types for bad bytes
+                self._skipped += 1
+                self._bad_run += 1
+                _logger.warning("skipping corrupt sample %s in %s: %r", sample.get("__key__"),
+                                sample.get("__url__"), exc)
+                if self._bad_run > 10_000:  # a train worker re-reads its shards: do not spin on all-bad data
+                    raise RuntimeError(f"10,000 corrupt samples in a row, the last in {sample.get('__url__')}")
+                continue
+            self._bad_run = 0
+            yield self.transform(img), target  # a transform error is a bug, not bad data: it raises
+
+    def _train_shards(self, worker_id: int) -> Iterator[str]:
+        if self.resampled:
+            yield from resample_shards(self.shards, self.epoch, self.seed, self.rank, worker_id)
+            return
+        mine = assign_shards(self.shards, self.epoch, self.seed, self.rank, self.world_size, self.num_workers,
+                             worker_id)
+        while True:  # re-read own shards when they hold fewer samples than this worker's batch quota
+            before = self._read_count
+            yield from mine
+            if self._read_count == before:
+                raise RuntimeError(f"shards {mine} hold no readable sample")
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker_id = info.id if info is not None else 0
+        self._skipped = self._shard_errors = 0
+        if self.train:
+            if info is not None:  # augmentation randomness is per (seed, epoch, rank, worker), like the order
+                state = random.Random(f"augment:{self.seed}:{self.epoch}:{self.rank}:{worker_id}").getrandbits(32)
+                random.seed(state)
+                np.random.seed(state)
+                torch.manual_seed(state)
+            quota = batches_per_worker(self.rank_batches, self.num_workers, worker_id)
+            samples = self._read(self._train_shards(worker_id))
+            if self.shuffle_buffer > 1:  # shuffles encoded bytes: samples left in the buffer cost no decode
+                rng = random.Random(f"samples:{self.seed}:{self.epoch}:{self.rank}:{worker_id}")
+                samples = wds.shuffle(self.shuffle_buffer, min(self.shuffle_buffer, 100), rng=rng)(samples)
+            yield from self._batches(self._decoded(samples), quota)
+        else:
+            mine = assign_shards(self.shards, 0, 0, self.rank, self.world_size, self.num_workers, worker_id,
+                                 shuffle=False)
+            yield from self._batches(self._decoded(self._read(iter(mine))), None)
+
+    def _read(self, shard_iter) -> Iterator[dict]:
+        for sample in wds.tarfile_to_samples(handler=self._handler)({"url": url} for url in shard_iter):
+            self._read_count += 1
+            yield sample
+
+    def _batches(self, samples, quota: int | None):
+        images: list[torch.Tensor] = []
+        targets: list[int] = []
+        produced = 0
+        if quota == 0:
+            return
+        for image, target in samples:
+            images.append(image)
+            targets.append(target)
+            if len(images) == self.batch_size:
+                yield self._collate(images, targets)
+                images, targets = [], []
+                produced += 1
+                if quota is not None and produced == quota:
+                    return
+        if images:  # eval keeps its last partial batch; a train stream is endless
+            yield self._collate(images, targets)
+        elif self._skipped or self._shard_errors:
+            yield None, None, self._pop_counts()
+
+    def _collate(self, images, targets):
+        return torch.stack(images), torch.tensor(targets, dtype=torch.int64), self._pop_counts()
+
+    def _pop_counts(self) -> tuple[int, int]:
+        counts = (self._skipped, self._shard_errors)
+        self._skipped = self._shard_errors = 0
+        return counts
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the loader
+
+
+class ShardLoader:
+    """Iterable of (images float32 (B, C, H, W), targets) for one rank; call ``set_epoch`` before each epoch.
+
+    ``len(loader)``: batches per epoch on this rank (train: the same on every rank; eval: an upper bound that
+    is exact unless corrupt samples are skipped). ``stats``: {"corrupt_skipped": samples dropped for bad bytes
+    or missing members, "shard_read_errors": tar read errors (a truncated member ends its shard's reading)},
+    accumulated over the iterations of this loader and exact for this rank: the counts travel with the
+    batches from the workers (sum them across ranks for a global count)."""
+
+    def __init__(self, stream: _ShardStream, *, num_workers: int, num_batches: int, num_samples: int,
+                 require_epoch: bool, mixup_fn=None, soft_target_fn=None):
+        self._stream = stream
+        self._num_workers = num_workers
+        self._num_batches = num_batches
+        self._require_epoch = require_epoch
+        self._epoch_set = False
+        self._mixup_fn = mixup_fn
+        self._soft_target_fn = soft_target_fn
+        self._corrupt = 0
+        self._shard_errors = 0
+        self.num_samples = num_samples
+
+    def set_epoch(self, epoch: int) -> None:
+        self._stream.epoch = int(epoch)
+        self._epoch_set = True
+
+    @property
+    def stats(self) -> dict:
+        return {"corrupt_skipped": self._corrupt, "shard_read_errors": self._shard_errors}
+
+    def __len__(self) -> int:
+        return self._num_batches
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if self._require_epoch and not self._epoch_set:
+            raise RuntimeError("call loader.set_epoch(epoch) before iterating a train ShardLoader")
+        loader = DataLoader(self._stream, batch_size=None, num_workers=self._num_workers,
+                            persistent_workers=False)
+        for images, targets, (corrupt, shard_errors) in loader:
+            self._corrupt += int(corrupt)
+            self._shard_errors += int(shard_errors)
+            if images is None:
+                continue
+            if self._mixup_fn is not None:
+                images, targets = self._mixup_fn(images, targets)
+            elif self._soft_target_fn is not None:
+                targets = self._soft_target_fn(targets)
+            yield images, targets
+
+
+def create_train_loader(data_dir: str, split: str = "train", *, batch_size: int, img_size: int, num_classes: int,
+                        rank: int = 0, world_size: int = 1, num_workers: int = 2, seed: int = 0, in_chans: int = 3,
+                        auto_augment: str | None = "rand-m9-mstd0.5-inc1", re_prob: float = 0.25,
+                        hflip: float = 0.5, scale: tuple = (0.08, 1.0), interpolation: str = "bicubic",
+                        mean=None, std=None, mixup: float = 0.0, cutmix: float = 0.0,
+                        label_smoothing: float = 0.1, resampled: bool = False,
+                        shuffle_buffer: int = 2000) -> ShardLoader:
+    """Training loader for ``rank`` of ``world_size``; fails here (not mid-epoch) on missing shards or too few."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} outside world size {world_size}")
+    if (mixup > 0 or cutmix > 0) and batch_size % 2:
+        raise ValueError(f"mixup/cutmix mix a batch with its flipped self and need an even batch size, "
+                         f"got {batch_size}")
+    shards, lengths, num_samples = _split_shards(data_dir, split)
+    classes = read_info(data_dir).get("classes")
+    if classes is not None and len(classes) > num_classes:
+        raise ValueError(f"{data_dir} has {len(classes)} classes but num_classes={num_classes}")
+    if not resampled:
+        check_readers(data_dir, split, len(shards), world_size, num_workers)
+    rank_batches = batches_per_rank(num_samples, batch_size, world_size)
+    if rank_batches == 0:
+        raise ValueError(f"{data_dir} split {split!r} has {num_samples} samples, fewer than one batch of "
+                         f"{batch_size} on each of {world_size} ranks")
+    transform = train_transform(img_size, in_chans=in_chans, auto_augment=auto_augment, re_prob=re_prob,
+                                hflip=hflip, scale=scale, interpolation=interpolation, mean=mean, std=std)
+    stream = _ShardStream(shards, lengths, train=True, batch_size=batch_size, transform=transform,
+                          image_mode="L" if in_chans == 1 else "RGB", rank=rank, world_size=world_size,
+                          num_workers=num_workers, seed=seed, rank_batches=rank_batches, resampled=resampled,
+                          shuffle_buffer=shuffle_buffer)
+    mixup_fn = soft_target_fn = None
+    if mixup > 0 or cutmix > 0:
+        mixup_fn = Mixup(mixup_alpha=mixup, cutmix_alpha=cutmix, prob=1.0, switch_prob=0.5, mode="batch",
+                         label_smoothing=label_smoothing, num_classes=num_classes)
+    elif label_smoothing > 0:
+        def soft_target_fn(targets: torch.Tensor) -> torch.Tensor:
+            return mixup_target(targets, num_classes, smoothing=label_smoothing)
+    return ShardLoader(stream, num_workers=num_workers, num_batches=rank_batches, num_samples=num_samples,
+                       require_epoch=True, mixup_fn=mixup_fn, soft_target_fn=soft_target_fn)
+
+
+def create_eval_loader(data_dir: str, split: str = "validation", *, batch_size: int, img_size: int,
+                       crop_pct: float = 0.875, rank: int = 0, world_size: int = 1, num_workers: int = 2,
+                       in_chans: int = 3, interpolation: str = "bicubic", mean=None, std=None) -> ShardLoader:
+    """Eval loader: across all ranks and workers every sample exactly once, last partial batches kept.
+
+    Fewer shards than readers is allowed here (no rank waits for another inside the loader); the readers
+    without a shard yield nothing."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} outside world size {world_size}")
+    shards, lengths, num_samples = _split_shards(data_dir, split)
+    mean, std = _mean_std(mean, std, in_chans)
+    transform = create_transform(img_size, is_training=False, crop_pct=crop_pct, interpolation=interpolation,
+                                 mean=mean, std=std)
+    stream = _ShardStream(shards, lengths, train=False, batch_size=batch_size, transform=transform,
+                          image_mode="L" if in_chans == 1 else "RGB", rank=rank, world_size=world_size,
+                          num_workers=num_workers)
+    num_batches = eval_batches(lengths, shards, batch_size, rank, world_size, num_workers)
+    return ShardLoader(stream, num_workers=num_workers, num_batches=num_batches, num_samples=num_samples,
+                       require_epoch=False)

@@ -1,0 +1,170 @@
+"""Shard loaders: the assignment math at ImageNet scale, and real loaders with worker processes on tiny shards."""
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+
+import pytest
+import torch
+
+from pipelines import data, shards
+from tests.test_shards import jpeg_bytes
+
+
+def write_split(root, split: str, lengths: list[int], *, label_is_shard: bool = True, corrupt=(),
+                num_classes: int | None = None) -> list[str]:
+    """Shards of 32x32 JPEGs, sample ``s:i`` of shard ``s`` labelled ``s`` (so a target tells its shard).
+    ``corrupt``: (shard, sample) pairs whose JPEG bytes are garbage. Merges into ``root/_info.json``."""
+    os.makedirs(root, exist_ok=True)
+    names = []
+    for s, n in enumerate(lengths):
+        members = []
+        for i in range(n):
+            label = s if label_is_shard else i % 10
+            image = b"\xff\xd8 not really a jpeg" if (s, i) in corrupt else jpeg_bytes(s * 100 + i)
+            members += [(f"s{s:03d}_{i:03d}.cls", str(label).encode()), (f"s{s:03d}_{i:03d}.jpg", image)]
+        names.append(shards.shard_name(split, s))
+        shards.write_tar(os.path.join(root, names[-1]), members)
+    classes = [str(c) for c in range(num_classes or len(lengths))]
+    shards.update_info(str(root), split, {"name": split, "num_samples": sum(lengths), "filenames": names,
+                                          "shard_lengths": lengths}, classes)
+    return names
+
+
+def epoch_targets(loader, epoch: int) -> list[int]:
+    loader.set_epoch(epoch)
+    return [t for _, targets in loader for t in targets.tolist()]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# pure math
+
+
+def test_imagenet_scale_assignment_every_shard_once_and_equal_batches():
+    num_samples, nodes, gpus = 1_281_167, 32, 8
+    world = nodes * gpus
+    for shard_size, workers in ((1000, 4), (625, 8)):  # 1,282 shards / 1,024 readers; 2,050 / 2,048
+        num_shards = -(-num_samples // shard_size)
+        names = [f"train-{i:06d}.tar" for i in range(num_shards)]
+        assert num_shards >= world * workers
+        for epoch in (0, 1):
+            counts = Counter()
+            for rank in range(world):
+                for worker in range(workers):
+                    counts.update(data.assign_shards(names, epoch, 0, rank, world, workers, worker))
+            assert len(counts) == num_shards and set(counts.values()) == {1}
+        rank_batches = data.batches_per_rank(num_samples, 256, world)
+        assert rank_batches == num_samples // (256 * world) == 19
+        for rank in range(world):  # workers' quotas add up to the same count on every rank
+            assert sum(data.batches_per_worker(rank_batches, workers, w) for w in range(workers)) == rank_batches
+    epoch0 = data.assign_shards(names, 0, 0, 5, world, 8, 3)
+    assert epoch0 == data.assign_shards(names, 0, 0, 5, world, 8, 3) != data.assign_shards(names, 1, 0, 5,
+                                                                                          world, 8, 3)
+    # 1,000-sample shards on 32 x 8 GPUs x 8 workers: 1,282 shards for 2,048 readers fails at start
+    with pytest.raises(ValueError, match="1282 shards but 256 ranks x 8 workers = 2048 readers"):
+        data.check_readers("imagenet", "train", 1282, world, 8)
+
+
+def test_eval_batches_count_partial_batches_per_worker():
+    names = [f"v{i}" for i in range(5)]
+    lengths = dict(zip(names, [10, 10, 10, 10, 3]))
+    # 2 ranks x 2 workers: rank 0 reads v0+v4 (13 -> 4 batches of 4) and v1 (3), rank 1 v2 (3) and v3 (3)
+    assert data.eval_batches(lengths, names, 4, 0, 2, 2) == 7
+    assert data.eval_batches(lengths, names, 4, 1, 2, 2) == 6
+
+
+# ----------------------------------------------------------------------------------------------------------
+# real loaders
+
+
+def test_two_ranks_read_disjoint_shards_equal_lengths_and_seeded_order(tmp_path):
+    write_split(tmp_path, "train", [4] * 16)
+    loaders = [data.create_train_loader(str(tmp_path), batch_size=4, img_size=32, num_classes=16, rank=r,
+                                        world_size=2, num_workers=2, seed=7, label_smoothing=0.0)
+               for r in range(2)]
+    assert len(loaders[0]) == len(loaders[1]) == 8 and loaders[0].num_samples == 64
+    with pytest.raises(RuntimeError, match="set_epoch"):
+        next(iter(data.create_train_loader(str(tmp_path), batch_size=4, img_size=32, num_classes=16,
+                                           num_workers=0)))
+    first = [epoch_targets(loader, 0) for loader in loaders]
+    assert [len(t) for t in first] == [32, 32]
+    assert not set(first[0]) & set(first[1]) and set(first[0]) | set(first[1]) == set(range(16))
+    assert epoch_targets(loaders[0], 0) == first[0]  # same seed and epoch: same order
+    second = [epoch_targets(loader, 1) for loader in loaders]
+    assert second[0] != first[0] and not set(second[0]) & set(second[1])
+    images, targets = next(iter(loaders[0]))
+    assert images.shape == (4, 3, 32, 32) and images.dtype == torch.float32 and targets.dtype == torch.int64
+
+
+def test_train_skips_corrupt_samples_and_truncated_members(tmp_path):
+    write_split(tmp_path, "train", [6] * 4, corrupt={(0, 1), (2, 4)})
+    path = tmp_path / "train-000003.tar"
+    path.write_bytes(path.read_bytes()[:2500])  # a member cut short; the size check at start still passes
+    loader = data.create_train_loader(str(tmp_path), batch_size=4, img_size=32, num_classes=4, num_workers=2,
+                                      label_smoothing=0.0, shuffle_buffer=8)
+    loader.set_epoch(0)
+    batches = list(loader)
+    assert len(batches) == len(loader) == 6  # the short worker re-reads its own shards
+    assert loader.stats["corrupt_skipped"] >= 2 and loader.stats["shard_read_errors"] >= 1
+
+
+def test_loader_fails_at_start_with_the_fix_in_the_message(tmp_path):
+    with pytest.raises(FileNotFoundError, match="python -m pipelines.shards"):
+        data.read_info(str(tmp_path))
+    write_split(tmp_path, "train", [4] * 3)
+    with pytest.raises(ValueError, match="3 shards but 2 ranks x 2 workers = 4 readers need at least 4.*"
+                                         "--shard-size.*resampled"):
+        data.create_train_loader(str(tmp_path), batch_size=2, img_size=32, num_classes=3, world_size=2)
+    loader = data.create_train_loader(str(tmp_path), batch_size=2, img_size=32, num_classes=3, world_size=2,
+                                      resampled=True, label_smoothing=0.0)
+    assert epoch_targets(loader, 3) == epoch_targets(loader, 3) and len(loader) == 3
+    with pytest.raises(ValueError, match="even batch size"):
+        data.create_train_loader(str(tmp_path), batch_size=3, img_size=32, num_classes=3, num_workers=1,
+                                 mixup=0.8)
+    os.remove(tmp_path / "train-000001.tar")
+    with pytest.raises(FileNotFoundError, match="train-000001.tar"):
+        data.create_train_loader(str(tmp_path), batch_size=2, img_size=32, num_classes=3, num_workers=1)
+
+
+def test_eval_reads_every_sample_once_across_ranks_and_workers(tmp_path):
+    lengths = [5, 3, 7, 2, 4]
+    write_split(tmp_path, "validation", lengths, label_is_shard=True)
+    seen = Counter()
+    for rank in range(3):
+        loader = data.create_eval_loader(str(tmp_path), batch_size=2, img_size=32, rank=rank, world_size=3,
+                                         num_workers=2)
+        batches = list(loader)
+        assert len(batches) == len(loader)
+        for images, targets in batches:
+            assert images.shape[1:] == (3, 32, 32)
+            seen.update(targets.tolist())
+    assert seen == Counter({s: n for s, n in enumerate(lengths)})
+
+
+def test_grayscale_mixup_and_label_smoothing_targets(tmp_path):
+    write_split(tmp_path, "train", [4] * 4, label_is_shard=False, num_classes=10)
+    mixed = data.create_train_loader(str(tmp_path), batch_size=4, img_size=32, num_classes=10, in_chans=1,
+                                     num_workers=1, mixup=0.8, cutmix=1.0)
+    mixed.set_epoch(0)
+    images, targets = next(iter(mixed))
+    assert images.shape == (4, 1, 32, 32) and targets.shape == (4, 10)
+    assert torch.allclose(targets.sum(1), torch.ones(4))
+    smooth = data.create_train_loader(str(tmp_path), batch_size=4, img_size=32, num_classes=10, num_workers=0)
+    smooth.set_epoch(0)
+    _, targets = next(iter(smooth))
+    assert targets.shape == (4, 10) and abs(targets.max().item() - (0.9 + 0.01)) < 1e-6
+    info = json.loads((tmp_path / "_info.json").read_text())
+    assert info["splits"]["train"]["num_samples"] == 16
+
+
+def test_train_transform_survives_randaugment_posterize_to_zero_bits():
+    from PIL import Image
+
+    transform = data.train_transform(32, in_chans=1)
+    ops = [op for step in transform.transforms for op in getattr(step, "ops", ())]
+    posterize = next(op for op in ops if op.name == "PosterizeIncreasing")
+    posterize.prob, posterize.magnitude_std = 1.0, 0.0
+    posterize.magnitude = 10  # the level timm's mstd noise reaches: 0 bits kept
+    out = posterize(Image.new("L", (8, 8), 200))
+    assert out.mode == "L" and max(out.getdata()) == 0
