@@ -1,0 +1,276 @@
+"""The trainer end to end: real processes (torchrun and the deepspeed launcher, 2 ranks, gloo), real DeepSpeed,
+real WebDataset shards (a slice of the packaged Fashion-MNIST written by pipelines.shards), real TensorBoard
+event files. Runs share one shard folder and keep to a few optimizer steps on a small model at 32px."""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from train import checkpoint as ckpt
+from train.config import ConfigError, load_config, plan_batches
+from train.logger import TENSORBOARD_SUBDIR
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BIN = os.path.dirname(sys.executable)
+FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
+TRAIN_SAMPLES, VAL_SAMPLES, SHARD_SIZE = 256, 96, 32
+# 256 samples / (16 per rank x 2 ranks) = 8 optimizer updates per epoch.
+SMALL = ["data.batch_size=16", "data.num_workers=0", "schedule.epochs=2", "schedule.warmup_epochs=0.5",
+         "logging.log_every_steps=2", "logging.progress_bar=false", "checkpoint.every_steps=4", "optim.lr=2e-3"]
+ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _images() -> tuple[np.ndarray, np.ndarray]:
+    from pipelines.shards import read_idx
+    if not os.path.isdir(FASHION_MNIST):
+        pytest.skip(f"{FASHION_MNIST} missing (Debian package dataset-fashion-mnist; scripts/setup.sh installs it)")
+    return (read_idx(os.path.join(FASHION_MNIST, "train-images-idx3-ubyte.gz")),
+            read_idx(os.path.join(FASHION_MNIST, "train-labels-idx1-ubyte.gz")))
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> str:
+    """A real shard folder: Fashion-MNIST images as class folders, written with pipelines.shards."""
+    from pipelines.shards import main as shards_main
+    images, labels = _images()
+    root = tmp_path_factory.mktemp("fmnist")
+    out = str(root / "wds")
+    for split, start, n in (("train", 0, TRAIN_SAMPLES), ("validation", 10_000, VAL_SAMPLES)):
+        for i in range(start, start + n):
+            folder = root / "src" / split / f"c{labels[i]}"
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(images[i]).save(folder / f"{i:05d}.png")
+        assert shards_main(["imagefolder", str(root / "src" / split), out, "--split", split, "--shard-size",
+                            str(SHARD_SIZE), "--workers", "1", "--no-progress"]) == 0
+    return out
+
+
+def launch(run_dir, data, *sets, launcher="torchrun", nproc=2, config="fashion_mnist", wait=True, timeout=300):
+    args = ["--config", config, "--run-dir", str(run_dir)]
+    for s in [f"data.dir={data}", *SMALL, *sets]:
+        args += ["--set", s]
+    port = str(_free_port())
+    if launcher == "torchrun":
+        cmd = [os.path.join(BIN, "torchrun"), "--nproc_per_node", str(nproc), "--master_port", port, "-m", "train"]
+    elif launcher == "deepspeed":
+        cmd = [os.path.join(BIN, "deepspeed"), "--num_gpus", str(nproc), "--master_port", port, "--module", "train"]
+    else:
+        cmd = [sys.executable, "-m", "train"]
+    kw = dict(cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if not wait:
+        return subprocess.Popen(cmd + args, start_new_session=True, **kw)
+    proc = subprocess.run(cmd + args, timeout=timeout, **kw)
+    return proc
+
+
+def ok(proc) -> str:
+    assert proc.returncode == 0, proc.stdout[-6000:]
+    return proc.stdout
+
+
+def scalars(run_dir, tag: str) -> list[float]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(os.path.join(str(run_dir), TENSORBOARD_SUBDIR), size_guidance={"scalars": 0, "images": 0})
+    acc.Reload()
+    return [e.value for e in acc.Scalars(tag)]
+
+
+def final_weights(run_dir) -> dict[str, torch.Tensor]:
+    from train.export import consolidated_state_dict
+    ckpt_dir = ckpt.checkpoint_dir(str(run_dir))
+    return consolidated_state_dict(ckpt_dir, ckpt.latest_tag(ckpt_dir))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# config validation (in process, no launch)
+
+
+def test_config_errors_name_the_key():
+    with pytest.raises(ConfigError, match=r"unknown config key 'optim.weigth_decay'; did you mean 'optim.weight_decay'"):
+        load_config("fashion_mnist", ["optim.weigth_decay=0.1"])
+    with pytest.raises(ConfigError, match=r"data.batch_size: expected an integer, got 'big'"):
+        load_config("fashion_mnist", ["data.batch_size=big"])
+    with pytest.raises(ConfigError, match=r"unknown config key 'modle'; did you mean 'model'"):
+        load_config("fashion_mnist", ["modle.name=x"])
+    with pytest.raises(ConfigError, match=r"deepspeed.zero_stage must be 0, 1, 2 or 3"):
+        load_config("fashion_mnist", ["deepspeed.zero_stage=4"])
+    cfg = load_config("fashion_mnist", ["optim.global_batch_size=100", "data.batch_size=16"])
+    with pytest.raises(ConfigError, match=r"16 x 2 = 32"):
+        plan_batches(cfg, world_size=2)
+    cfg = load_config("fashion_mnist", ["optim.global_batch_size=96", "optim.grad_accum_steps=2",
+                                        "data.batch_size=16"])
+    with pytest.raises(ConfigError, match=r"16 x 2 x 2 = 64, but optim.global_batch_size=96"):
+        plan_batches(cfg, world_size=2)
+    cfg = load_config("mrconvnext_tiny")  # 4096 = 128 x accum x 8 -> accum 4; lr 4e-3 at 4096
+    assert plan_batches(cfg, 8).grad_accum_steps == 4
+    assert cfg.optim.lr is None and cfg.optim.base_lr == 4e-3 and cfg.model.drop_path_rate == 0.1
+    assert load_config("mrconvnext_base").model.drop_path_rate == 0.5
+
+
+def test_prune_keeps_latest_and_ignores_unfinished(tmp_path):
+    d = str(tmp_path)
+    for step in (4, 8, 12, 16):
+        os.makedirs(os.path.join(d, ckpt.tag_for(step)))
+        if step != 16:  # 16: a save that crashed before meta.json/latest were written
+            open(os.path.join(d, ckpt.tag_for(step), ckpt.META), "w").write("{}")
+    open(os.path.join(d, ckpt.LATEST), "w").write(ckpt.tag_for(12))
+    ckpt.prune(d, keep=2)
+    assert sorted(os.listdir(d)) == ["latest", ckpt.tag_for(8), ckpt.tag_for(12), ckpt.tag_for(16)]
+    assert ckpt.latest_tag(d) == ckpt.tag_for(12)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# real training runs
+
+
+@pytest.fixture(scope="module")
+def zero0_run(shards, tmp_path_factory):
+    """ZeRO-0, bf16 autocast, MRConvNeXt-atto (BatchNorm in every MRConv layer), EMA: the reference run."""
+    run_dir = tmp_path_factory.mktemp("zero0") / "run"
+    out = ok(launch(run_dir, shards, "deepspeed.zero_stage=0", "deepspeed.precision=bf16", "ema.enabled=true",
+                    "ema.decay=0.9"))
+    return run_dir, out
+
+
+@pytest.mark.slow
+def test_bf16_batchnorm_trains_loss_down_and_logs(zero0_run):
+    run_dir, out = zero0_run
+    losses = scalars(run_dir, "train/loss")
+    assert len(losses) == 8 and np.isfinite(losses).all()
+    assert np.mean(losses[-2:]) < losses[0], losses
+    for tag in ("train/lr", "train/images_per_sec", "train/grad_norm", "val/top1", "val/top5", "val_ema/top1"):
+        assert scalars(run_dir, tag), tag
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(os.path.join(str(run_dir), TENSORBOARD_SUBDIR), size_guidance={"images": 0})
+    acc.Reload()
+    assert {f"alpha_energy/stage{i}" for i in range(4)} <= set(acc.Tags()["images"])
+    summary = json.load(open(os.path.join(run_dir, "summary.json")))
+    assert summary["step"] == 16 and summary["metrics"]["val/count"] == VAL_SAMPLES  # exactly the eval set
+    assert os.path.isfile(os.path.join(run_dir, "config.yaml"))
+    assert "epoch 2/2" in out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage,launcher", [(1, "torchrun"), (2, "torchrun"), (3, "deepspeed")])
+def test_zero_stages_train(shards, tmp_path, stage, launcher):
+    run_dir = tmp_path / "run"
+    ok(launch(run_dir, shards, f"deepspeed.zero_stage={stage}", "deepspeed.precision=fp32", "model.name=resnet10t",
+              "model.kwargs={}", "schedule.epochs=1", launcher=launcher))
+    losses = scalars(run_dir, "train/loss")
+    assert len(losses) == 4 and np.isfinite(losses).all()
+    assert final_weights(run_dir)["fc.weight"].shape == (10, 512)
+
+
+@pytest.mark.slow
+def test_kill_and_resume_is_exact(shards, tmp_path):
+    """fp32 ZeRO-1 with drop path, mixup/cutmix, EMA and a data worker per rank: SIGKILL once a checkpoint
+    exists, resume, stop with SIGUSR1 (exit 3 after a save), resume again: the same weights as uninterrupted."""
+    sets = ["deepspeed.zero_stage=1", "deepspeed.precision=fp32", "model.drop_path_rate=0.1", "data.mixup=0.8",
+            "data.cutmix=1.0", "data.label_smoothing=0.1", "ema.enabled=true", "ema.decay=0.9",
+            "data.num_workers=1", "checkpoint.every_steps=3", "checkpoint.keep=1", "logging.eval_every_epochs=2"]
+    straight, broken = tmp_path / "straight", tmp_path / "broken"
+    ok(launch(straight, shards, *sets))
+
+    latest = os.path.join(ckpt.checkpoint_dir(str(broken)), ckpt.LATEST)
+
+    def run_until(condition, sig):
+        proc = launch(broken, shards, *sets, wait=False)
+        deadline = time.time() + 240
+        while not condition() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        assert proc.poll() is None, f"the run ended before it could be interrupted:\n{proc.stdout.read()[-4000:]}"
+        # torchrun starts each rank in its own session: signal the ranks' process groups (rank + its data
+        # worker) directly. SIGUSR1 as SLURM sends it, to every task; SIGKILL as a node crash, torchrun too.
+        ranks = [int(p) for p in subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True,
+                                                text=True).stdout.split()]
+        assert len(ranks) == 2, ranks
+        for pid in ranks:
+            os.killpg(pid, sig)
+        if sig == signal.SIGKILL:
+            os.killpg(proc.pid, signal.SIGKILL)
+        out = proc.communicate(timeout=120)[0]
+        return proc.returncode, out
+
+    def step_of_latest():
+        return int(open(latest).read().strip()[len(ckpt.TAG_PREFIX):]) if os.path.isfile(latest) else 0
+
+    run_until(lambda: step_of_latest() >= 3, signal.SIGKILL)
+    killed_at = step_of_latest()
+    assert 3 <= killed_at < 16
+    code, out = run_until(lambda: step_of_latest() > killed_at, signal.SIGUSR1)
+    assert "resumed from" in out and "stop requested" in out, out[-4000:]
+    stopped_at = step_of_latest()
+    assert killed_at < stopped_at < 16
+    out = ok(launch(broken, shards, *sets))
+    assert f"step {stopped_at}" in out
+
+    a, b = final_weights(straight), final_weights(broken)
+    assert a.keys() == b.keys()
+    assert_same_model(a, b)
+    ema_a = torch.load(glob.glob(f"{straight}/checkpoints/*/mp_rank_00_model_states.pt")[0], weights_only=False)["ema"]
+    ema_b = torch.load(glob.glob(f"{broken}/checkpoints/*/mp_rank_00_model_states.pt")[0], weights_only=False)["ema"]
+    assert_same_model(ema_a, ema_b)
+
+
+def assert_same_model(a: dict, b: dict) -> None:
+    """Weights: max abs diff <= 1e-6 (in practice bit-identical). BN running statistics: relative 1e-6, because
+    the SIGUSR1 stop saves off the every_steps schedule, and every save averages BN statistics across ranks in
+    place (as timm does): averaging commutes with the running-average update, so the final statistics agree up
+    to re-associated float sums (1 ulp, e.g. 6e-5 on a running_var of 1,175)."""
+    for k in a:
+        diff = (a[k].double() - b[k].double()).abs().max().item()
+        if "running_" in k:
+            assert diff <= 1e-6 * max(1.0, a[k].double().abs().max().item()), (k, diff)
+        else:
+            assert diff <= 1e-6, (k, diff)
+
+
+@pytest.mark.slow
+def test_checkpoint_of_another_model_or_config_fails_clearly(zero0_run, shards):
+    run_dir, _ = zero0_run
+    proc = launch(run_dir, shards, "deepspeed.precision=bf16", "model.name=resnet10t", "model.kwargs={}",
+                  launcher="python")
+    assert proc.returncode == 2
+    assert "of model 'mrconvnext_atto', this config trains 'resnet10t'; use a new --run-dir" in proc.stdout
+    proc = launch(run_dir, shards, "deepspeed.precision=bf16", "ema.enabled=true", "ema.decay=0.9",
+                  "optim.weight_decay=0.01", launcher="python")
+    assert proc.returncode == 2
+    assert "optim.weight_decay: 0.05 -> 0.01" in proc.stdout and "use a new --run-dir" in proc.stdout
+
+
+@pytest.mark.slow
+def test_export_loads_in_timm(zero0_run, shards, tmp_path):
+    import timm
+
+    import models  # noqa: F401
+    from train.export import export
+    run_dir, _ = zero0_run
+    out = str(tmp_path / "m.safetensors")
+    info = export(str(run_dir), out, data_dir=shards)
+    assert info["fold_check"]["max_rel_diff"] <= 1e-4
+    model = timm.create_model("mrconvnext_atto", pretrained=True, inference_mode=True, num_classes=10, in_chans=1,
+                              img_size=32, pretrained_cfg_overlay=dict(file=out, num_classes=10,
+                                                                        input_size=(1, 32, 32))).eval()
+    reference = timm.create_model("mrconvnext_atto", num_classes=10, in_chans=1, img_size=32)
+    reference.load_state_dict(final_weights(run_dir))
+    x = torch.randn(4, 1, 32, 32)
+    with torch.no_grad():
+        y, y_ref = model(x), reference.eval()(x)
+    assert (y - y_ref).abs().max() <= 1e-4 * y_ref.abs().max()

@@ -1,0 +1,50 @@
+"""The DeepSpeed side: the engine's config (ZeRO stage, precision, batch sizes, clipping) built from the run
+config, and the engine itself, which owns model, optimizer and precision."""
+from __future__ import annotations
+
+from typing import Optional
+
+import deepspeed
+import torch
+
+from train.config import BatchPlan, TrainConfig
+
+# DeepSpeed prints a line every `steps_per_print` steps; the trainer logs itself.
+_QUIET_STEPS = 10**9
+
+
+def deepspeed_config(cfg: TrainConfig, plan: BatchPlan) -> dict:
+    ds = {
+        "train_batch_size": plan.global_batch_size,
+        "train_micro_batch_size_per_gpu": plan.micro_batch_size,
+        "gradient_accumulation_steps": plan.grad_accum_steps,
+        "gradient_clipping": cfg.optim.clip_grad or 0.0,
+        "zero_optimization": {"stage": cfg.deepspeed.zero_stage},
+        "steps_per_print": _QUIET_STEPS,
+        "wall_clock_breakdown": False,
+    }
+    if cfg.deepspeed.precision == "bf16":
+        # Not the "bf16" block: it casts parameters but not buffers, and BatchNorm then fails on its first
+        # forward. torch_autocast keeps weights and BN statistics in fp32 (docs/FIELD_NOTES.md).
+        ds["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
+    ds.update(cfg.deepspeed.extra)
+    return ds
+
+
+def autocast_dtype(cfg: TrainConfig) -> Optional[torch.dtype]:
+    return torch.bfloat16 if cfg.deepspeed.precision == "bf16" else None
+
+
+def create_engine(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ds_config: dict):
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    return engine
+
+
+def grad_norm_before_step(engine) -> Optional[float]:
+    """Without ZeRO the engine keeps no norm unless clipping; the gradients are already averaged across ranks
+    at the accumulation boundary (before ``step``), so compute it here. With ZeRO, None: read
+    ``engine.get_global_grad_norm()`` after the step."""
+    if engine.zero_optimization() or not engine.is_gradient_accumulation_boundary():
+        return None
+    grads = [p.grad.detach().float().norm() for p in engine.module.parameters() if p.grad is not None]
+    return float(torch.stack(grads).norm()) if grads else None

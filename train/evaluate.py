@@ -1,0 +1,45 @@
+"""Distributed evaluation: every rank scores its part of the evaluation set; correct counts and sample counts
+are summed with all_reduce, so top-1/top-5 are over exactly the evaluation set (no padding, no duplicates)."""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterable
+
+import torch
+import torch.distributed as dist
+from deepspeed.accelerator import get_accelerator
+
+
+def topk_correct(logits: torch.Tensor, target: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> list[int]:
+    """Number of samples whose target is among the top-k logits, for each k (k capped at the class count)."""
+    maxk = min(max(ks), logits.shape[1])
+    pred = logits.topk(maxk, dim=1).indices
+    hit = pred.eq(target.view(-1, 1))
+    return [int(hit[:, :min(k, maxk)].any(dim=1).sum()) for k in ks]
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, loader: Iterable, autocast_dtype: torch.dtype | None = None) -> dict:
+    """Returns ``{'top1', 'top5', 'loss', 'count'}`` over the whole evaluation set (all ranks)."""
+    device = get_accelerator().current_device_name()
+    was_training = model.training
+    model.eval()
+    totals = torch.zeros(4, dtype=torch.float64, device=device)  # top1, top5, loss sum, count
+    autocast = (torch.autocast(device_type=get_accelerator().device_name(), dtype=autocast_dtype)
+                if autocast_dtype is not None else contextlib.nullcontext())
+    for images, target in loader:
+        images = images.to(device, non_blocking=True)
+        target = target.to(device, non_blocking=True)
+        with autocast:
+            logits = model(images)
+        logits = logits.float()
+        c1, c5 = topk_correct(logits, target)
+        loss = torch.nn.functional.cross_entropy(logits, target, reduction="sum")
+        totals += torch.tensor([c1, c5, float(loss), target.numel()], dtype=torch.float64, device=device)
+    dist.all_reduce(totals, op=dist.ReduceOp.SUM)
+    model.train(was_training)
+    count = totals[3].item()
+    if count == 0:
+        raise RuntimeError("the evaluation set is empty on every rank")
+    return {"top1": totals[0].item() / count, "top5": totals[1].item() / count, "loss": totals[2].item() / count,
+            "count": int(count)}

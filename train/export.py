@@ -1,0 +1,134 @@
+"""``python -m train.export RUN_DIR OUT [--data DIR --split validation] [--ema] [--tag TAG]``
+
+Consolidates a run's DeepSpeed checkpoint (any ZeRO stage) to fp32, loads the unfused model, folds it with
+``timm.utils.reparameterize_model``, checks fused == unfused on real validation images (fails when the max
+relative difference exceeds 1e-4) and writes ``OUT`` (safetensors) + ``OUT``'s ``.json`` (model name, kwargs,
+num_classes, in_chans and the exact ``timm.create_model`` call that loads it).
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import inspect
+import json
+import os
+import sys
+from typing import Optional
+
+import timm
+import torch
+from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+from safetensors.torch import save_file
+from timm.utils import reparameterize_model
+
+import models  # noqa: F401  (registers mrconvnext_* in timm)
+from pipelines.data import create_eval_loader
+from train import checkpoint as ckpt
+from train.config import TrainConfig, from_dict
+
+MAX_REL_DIFF = 1e-4
+
+
+def consolidated_state_dict(ckpt_dir: str, tag: str, ema: bool = False) -> dict[str, torch.Tensor]:
+    """fp32 weights and buffers of checkpoint ``tag``: ZeRO partitions merged, or the EMA copy."""
+    model_states = os.path.join(ckpt_dir, tag, "mp_rank_00_model_states.pt")
+    if ema:
+        state = torch.load(model_states, map_location="cpu", weights_only=False).get("ema")
+        if state is None:
+            raise SystemExit(f"{tag} holds no EMA weights (ema.enabled was false)")
+        return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+    if glob.glob(os.path.join(ckpt_dir, tag, "*zero_pp_rank_*optim_states.pt")):
+        return dict(get_fp32_state_dict_from_zero_checkpoint(ckpt_dir, tag=tag))
+    # ZeRO stage 0: the engine's module state is the full fp32 model.
+    module = torch.load(model_states, map_location="cpu", weights_only=False)["module"]
+    return {k: v.float() if v.is_floating_point() else v for k, v in module.items()}
+
+
+def check_images(cfg: TrainConfig, data_dir: Optional[str], split: str, n: int) -> tuple[torch.Tensor, str]:
+    d = cfg.data
+    if data_dir is None:
+        torch.manual_seed(0)
+        return torch.randn(n, cfg.model.in_chans, d.img_size, d.img_size), "random inputs (no --data)"
+    loader = create_eval_loader(data_dir, split, batch_size=n, img_size=d.img_size, crop_pct=d.crop_pct, rank=0,
+                                world_size=1, num_workers=0, in_chans=cfg.model.in_chans,
+                                interpolation=d.interpolation, mean=d.mean, std=d.std)
+    images = next(iter(loader))[0]
+    return images, f"{images.shape[0]} images of {data_dir} split {split!r}"
+
+
+def max_rel_diff(fused: torch.Tensor, reference: torch.Tensor) -> float:
+    return float((fused - reference).abs().max() / reference.abs().max().clamp_min(1e-12))
+
+
+def load_call(name: str, out: str, num_classes: int, in_chans: int, img_size: int, kwargs: dict,
+              inference_mode: bool) -> str:
+    # The overlay carries num_classes and input_size too: without them timm drops a classifier whose size
+    # differs from the default cfg's 1000 and "adapts" a stem whose in_chans differs from 3.
+    extra = "".join(f", {k}={v!r}" for k, v in kwargs.items())
+    mode = " inference_mode=True," if inference_mode else ""
+    return (f"timm.create_model({name!r}, pretrained=True,{mode} num_classes={num_classes}, "
+            f"in_chans={in_chans}{extra}, pretrained_cfg_overlay=dict(file={out!r}, num_classes={num_classes}, "
+            f"input_size=({in_chans}, {img_size}, {img_size})))")
+
+
+def export(run_dir: str, out: str, data_dir: Optional[str] = None, split: str = "validation", ema: bool = False,
+           tag: Optional[str] = None, num_images: int = 32) -> dict:
+    ckpt_dir = ckpt.checkpoint_dir(run_dir)
+    tag = tag or ckpt.latest_tag(ckpt_dir)
+    if tag is None:
+        raise SystemExit(f"no checkpoint in {ckpt_dir}")
+    meta = ckpt.read_meta(ckpt_dir, tag)
+    cfg = from_dict(meta["config"])
+    m = cfg.model
+    state = consolidated_state_dict(ckpt_dir, tag, ema)
+    model = timm.create_model(m.name, num_classes=m.num_classes, in_chans=m.in_chans, **m.kwargs)
+    model.load_state_dict(state, strict=True)
+    model.eval()
+    fused = reparameterize_model(model)
+    images, source = check_images(cfg, data_dir, split, num_images)
+    with torch.no_grad():
+        reference, folded = model(images), fused(images)
+    rel = max_rel_diff(folded, reference)
+    if not rel <= MAX_REL_DIFF:
+        raise SystemExit(f"fused model differs from the unfused one: max rel diff {rel:.3e} > {MAX_REL_DIFF:g} on "
+                         f"{source}; not writing {out}")
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    save_file({k: v.detach().contiguous() for k, v in fused.state_dict().items()}, out,
+              metadata={"model": m.name, "checkpoint": f"{ckpt_dir}/{tag}"})
+    # Models with a fused form (MRConvNeXt, RepVGG, ...) take inference_mode=True to build it.
+    has_fused_form = "inference_mode" in inspect.signature(type(model).__init__).parameters
+    call = load_call(m.name, out, m.num_classes, m.in_chans, cfg.data.img_size, m.kwargs, has_fused_form)
+    info = {"model": m.name, "kwargs": m.kwargs, "num_classes": m.num_classes, "in_chans": m.in_chans,
+            "img_size": cfg.data.img_size, "mean": cfg.data.mean, "std": cfg.data.std,
+            "interpolation": cfg.data.interpolation, "crop_pct": cfg.data.crop_pct, "inference_mode": has_fused_form,
+            "checkpoint": os.path.join(ckpt_dir, tag), "ema": ema, "step": meta["step"],
+            "fold_check": {"max_rel_diff": rel, "inputs": source}, "load": call}
+    with open(os.path.splitext(out)[0] + ".json", "w") as f:
+        json.dump(info, f, indent=1)
+    params = sum(v.numel() for v in model.parameters())
+    fused_params = sum(v.numel() for v in fused.parameters())
+    print(f"exported {m.name} ({'EMA' if ema else 'model'} weights) from {ckpt_dir}/{tag} (step {meta['step']})\n"
+          f"  parameters: {params:,} training form -> {fused_params:,} fused\n"
+          f"  fold check: max rel diff {rel:.2e} (limit {MAX_REL_DIFF:g}) on {source}\n"
+          f"  wrote {out} and {os.path.splitext(out)[0] + '.json'}\n"
+          f"  load with: {call}")
+    return info
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m train.export", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run_dir")
+    p.add_argument("out", help="output .safetensors path")
+    p.add_argument("--data", default=None, help="shard folder whose images check the fold (default: random)")
+    p.add_argument("--split", default="validation")
+    p.add_argument("--ema", action="store_true", help="export the EMA weights")
+    p.add_argument("--tag", default=None, help="checkpoint tag (default: latest)")
+    p.add_argument("--num-images", type=int, default=32)
+    args = p.parse_args(argv)
+    export(args.run_dir, args.out, args.data, args.split, args.ema, args.tag, args.num_images)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

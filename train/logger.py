@@ -1,0 +1,109 @@
+"""Rank-0 outputs: TensorBoard scalars and the per-stage ``alpha`` image, a tqdm bar, one line per epoch."""
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections import defaultdict
+from typing import Optional
+
+import deepspeed
+import numpy as np
+import torch
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+from models.mrconv import MRConv
+
+TENSORBOARD_SUBDIR = "tensorboard"  # RUN_DIR/tensorboard, as slurm.submit and the README say
+
+_log = logging.getLogger("train")
+
+
+def setup_logging(rank: int) -> logging.Logger:
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S", force=True)
+    return _log
+
+
+def alpha_energy(model: torch.nn.Module) -> dict[str, np.ndarray]:
+    """``||alpha_i||^2`` per block x resolution for every stage (the paper's Figure 3b), keyed by stage name.
+
+    Collective under ZeRO-3 (the ``alpha`` parameters are gathered): call it on every rank. Returns {} when the
+    model has no MRConv layer."""
+    stages: dict[str, list[np.ndarray]] = defaultdict(list)
+    for name, module in model.named_modules():
+        if not isinstance(module, MRConv):
+            continue
+        with deepspeed.zero.GatheredParameters([module.alpha], modifier_rank=None):
+            energy = module.alpha.detach().float().pow(2).sum(dim=1).cpu().numpy()
+        match = re.search(r"stages\.(\d+)", name)
+        stages[f"stage{match.group(1)}" if match else "all"].append(energy)
+    out = {}
+    for stage, rows in stages.items():
+        width = max(len(r) for r in rows)
+        out[stage] = np.stack([np.pad(r, (0, width - len(r)), constant_values=np.nan) for r in rows])
+    return out
+
+
+def energy_image(energy: np.ndarray, cell: int = 12) -> np.ndarray:
+    """A (3, H, W) uint8 heat map: rows are blocks, columns resolutions (short kernel on the left), each cell
+    ``cell`` pixels; normalized per stage; padding (stages with fewer resolutions) is black."""
+    finite = np.isfinite(energy)
+    lo, hi = (np.nanmin(energy), np.nanmax(energy)) if finite.any() else (0.0, 1.0)
+    norm = np.where(finite, (energy - lo) / max(hi - lo, 1e-12), 0.0)
+    red, blue = norm, 1.0 - norm  # a two-colour ramp: blue = small share, red = large share
+    img = np.stack([red, 0.2 * np.ones_like(norm), blue]) * finite[None]
+    img = np.repeat(np.repeat(img, cell, axis=1), cell, axis=2)
+    return (img * 255).astype(np.uint8)
+
+
+class RunLogger:
+    """Does nothing on ranks other than 0, so the loop calls it unconditionally."""
+
+    def __init__(self, run_dir: str, rank: int, tensorboard: bool, progress_bar: bool):
+        self.rank = rank
+        self.progress_bar = progress_bar and rank == 0
+        self.writer: Optional[SummaryWriter] = None
+        if rank == 0 and tensorboard:
+            self.writer = SummaryWriter(os.path.join(run_dir, TENSORBOARD_SUBDIR))
+        self.bar: Optional[tqdm] = None
+
+    def start_epoch(self, epoch: int, total: int, initial: int) -> None:
+        if self.progress_bar:
+            self.bar = tqdm(total=total, initial=initial, desc=f"epoch {epoch}", unit="batch", dynamic_ncols=True,
+                            leave=False)
+
+    def batch(self, **postfix) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+            if postfix:
+                self.bar.set_postfix({k: f"{v:.4g}" for k, v in postfix.items()}, refresh=False)
+
+    def end_epoch(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    def scalars(self, step: int, values: dict[str, Optional[float]]) -> None:
+        if self.writer is not None:
+            for key, value in values.items():
+                if value is not None:
+                    self.writer.add_scalar(key, value, step)
+
+    def alpha_images(self, step: int, energies: dict[str, np.ndarray]) -> None:
+        if self.writer is not None:
+            for stage, energy in sorted(energies.items()):
+                self.writer.add_image(f"alpha_energy/{stage}", energy_image(energy), step)
+
+    def info(self, msg: str) -> None:
+        if self.rank == 0:
+            if self.bar is not None:
+                self.bar.write(msg)
+            else:
+                _log.info(msg)
+
+    def close(self) -> None:
+        self.end_epoch()
+        if self.writer is not None:
+            self.writer.close()
