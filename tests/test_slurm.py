@@ -1,8 +1,9 @@
 """SLURM end to end on a real local cluster (slurm/local_cluster.sh: two slurmd "nodes" n1, n2 on this host).
 
-Jobs go through `python -m slurm.submit` and slurm/train.sbatch exactly as users submit them, with the trainer
-swapped for tests/slurm_probe.py (MRCONV_MODULE), which honours the trainer's contract: gloo all-reduce every
-step, checkpoint + exit 3 on SIGUSR1, resume from the run directory.
+Jobs go through `python -m slurm.submit` and slurm/train.sbatch exactly as users submit them and run the real
+trainer (`python -m train`: DeepSpeed over gloo, one CPU task per node) on real Fashion-MNIST shards (the
+`shards` fixture of conftest.py), with a tiny MRConvNeXt so that a job's training takes seconds. The submit
+checks at the end need no cluster.
 """
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -19,14 +21,28 @@ from pathlib import Path
 import pytest
 import yaml
 
-from slurm.submit import JobPlan, SubmitError, batch_sizes, plan_job
-from train.distributed import master_port_for_job
+from slurm.submit import TENSORBOARD_SUBDIR, JobPlan, SubmitError, plan_job
+from tests.conftest import TRAIN_SAMPLES, assert_same_model, final_weights, require
+from train import checkpoint as ckpt
+from train.config import BatchPlan, ConfigError, load_config, plan_batches
 
 REPO = Path(__file__).resolve().parent.parent
 CLUSTER = REPO / "slurm" / "local_cluster.sh"
 PY = sys.executable
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
 SLURM_BINARIES = ("slurmctld", "slurmd", "sbatch", "munged")
+JOB_TIMEOUT = 240  # a job takes ~20 s here; generous for a loaded CI machine
+
+MICRO_BATCH, EPOCHS, CKPT_EVERY = 8, 3, 4
+# 256 samples / (8 per rank x 2 ranks) = 16 updates per epoch, 48 in all: about 5 s of training on 2 cores,
+# which leaves the signal a few seconds to arrive after the first checkpoint (step 4).
+TOTAL_STEPS = EPOCHS * TRAIN_SAMPLES // (MICRO_BATCH * 2)
+TINY = ["model.kwargs={img_size: 32, depths: [1, 1, 1, 1], dims: [8, 16, 24, 32], min_l0: 2}",
+        f"data.batch_size={MICRO_BATCH}", "data.num_workers=0", f"schedule.epochs={EPOCHS}",
+        "schedule.warmup_epochs=0.5", "optim.lr=2e-3", "deepspeed.precision=fp32", "logging.log_every_steps=4",
+        "logging.progress_bar=false", f"checkpoint.every_steps={CKPT_EVERY}"]
+# The batch plan of the dry-run and rejection tests: 256 = 8 x accum x world size.
+GLOBAL_256 = ["optim.global_batch_size=256", "data.batch_size=8"]
 
 
 def _have(binary: str) -> bool:
@@ -34,17 +50,29 @@ def _have(binary: str) -> bool:
 
 
 @pytest.fixture(scope="session")
-def slurm_env(tmp_path_factory) -> dict:
+def deepspeed_ops_built() -> None:
+    """DeepSpeed JIT-builds its shared-memory comm op in the first process group init (about 90 s on 2 busy
+    cores, then cached under $TORCH_EXTENSIONS_DIR or ~/.cache/torch_extensions, which the jobs share through
+    sbatch --export=ALL). Build it here, once and without a job's clock running, so that the first job on a
+    fresh machine is not the one that pays for it."""
+    code = ("import deepspeed\nfrom deepspeed.accelerator import get_accelerator\n"
+            "b = get_accelerator().create_op_builder('ShareMemCommBuilder')\n"
+            "if b is not None and deepspeed.ops.__compatible_ops__.get(b.NAME, False):\n    b.load()\n")
+    res = subprocess.run([PY, "-c", code], env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                         text=True, timeout=900)
+    assert res.returncode == 0, f"building DeepSpeed's shm op failed:\n{res.stdout}\n{res.stderr}"
+
+
+@pytest.fixture(scope="session")
+def slurm_env(deepspeed_ops_built) -> dict:
     """A running local cluster and the environment to talk to it; brought down at the end if we started it."""
     missing = [b for b in SLURM_BINARIES if not _have(b)]
-    if missing:
-        pytest.skip(f"SLURM not installed ({', '.join(missing)} missing): "
-                    "apt-get install -y slurmctld slurmd slurm-client munge")
+    require(not missing, f"SLURM not installed ({', '.join(missing)} missing): "
+                         "apt-get install -y slurmctld slurmd slurm-client munge")
     state = os.environ.get("MRCONV_SLURM_DIR", "/tmp/mrconv-slurm")
+    # MRCONV_EXIT_WAIT: how long a rank whose peer was killed may hang in a collective before SLURM stops it.
     env = {**os.environ, "MRCONV_SLURM_DIR": state, "SLURM_CONF": f"{state}/slurm.conf", "OMP_NUM_THREADS": "1",
-           "MRCONV_MODULE": "tests.slurm_probe", "MRCONV_EXIT_WAIT": "20", "MRCONV_HOME": str(REPO),
-           "MRCONV_PYTHON": PY}
-    env.pop("PROBE_DIE", None)
+           "PYTHONWARNINGS": "ignore", "MRCONV_EXIT_WAIT": "10"}
     was_up = subprocess.run(["bash", str(CLUSTER), "status"], env=env, capture_output=True).returncode == 0
     up = subprocess.run(["bash", str(CLUSTER), "up"], env=env, capture_output=True, text=True, timeout=120)
     if up.returncode != 0:
@@ -59,7 +87,11 @@ def _job(env: dict, job_id: str) -> dict:
     return dict(re.findall(r"(\w+)=(\S*)", out))
 
 
-def wait_job(env: dict, job_id: str, log: Path, timeout: float = 90) -> dict:
+def _read(path: Path) -> str:
+    return path.read_text() if path.exists() else "(missing)"
+
+
+def wait_job(env: dict, job_id: str, log: Path, timeout: float = JOB_TIMEOUT) -> dict:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         info = _job(env, job_id)
@@ -70,36 +102,55 @@ def wait_job(env: dict, job_id: str, log: Path, timeout: float = 90) -> dict:
     pytest.fail(f"job {job_id} not done after {timeout}s: {_job(env, job_id)}\n--- {log}:\n{_read(log)}")
 
 
-def _read(path: Path) -> str:
-    return path.read_text() if path.exists() else "(missing)"
-
-
-def write_recipe(path: Path, **optim) -> Path:
-    path.write_text(yaml.safe_dump({"data": {"batch_size": 8}, "optim": optim}))
-    return path
-
-
 def submit(env: dict, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([PY, "-m", "slurm.submit", *args], env=env, cwd=REPO, capture_output=True, text=True,
                           timeout=60)
 
 
-def submit_probe(env: dict, recipe: Path, run_dir: Path, *sets: str, nodes: int = 2) -> tuple[str, Path]:
-    res = submit(env, "--config", str(recipe), "--nodes", str(nodes), "--gpus-per-node", "0",
-                 "--run-dir", str(run_dir), "--signal-seconds", "60", *[a for s in sets for a in ("--set", s)])
+def submit_training(env: dict, shards: str, run_dir: Path, *sets: str) -> tuple[str, Path]:
+    """The tiny recipe as a 2-node CPU job; returns the job id and its log."""
+    overrides = [f"data.dir={shards}", *TINY, *sets]
+    res = submit(env, "--config", "fashion_mnist", "--nodes", "2", "--gpus-per-node", "0", "--run-dir",
+                 str(run_dir), "--signal-seconds", "60", *[a for s in overrides for a in ("--set", s)])
     assert res.returncode == 0, res.stderr
     job_id = re.search(r"submitted job (\d+)", res.stdout).group(1)
     log = Path(re.search(r"log:\s+(\S+)", res.stdout).group(1))
     return job_id, log
 
 
-def steps_done(run_dir: Path, rank: int) -> list[int]:
-    f = run_dir / f"steps-rank{rank}.log"
-    return [int(x) for x in f.read_text().split()] if f.exists() else []
+def latest_step(run_dir: Path) -> int:
+    tag = ckpt.latest_tag(ckpt.checkpoint_dir(str(run_dir)))
+    return -1 if tag is None else int(tag[len(ckpt.TAG_PREFIX):])
 
 
-def attempts(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "attempts.jsonl").read_text().splitlines()]
+def wait_for_checkpoint(env: dict, job_id: str, run_dir: Path, log: Path) -> int:
+    """Blocks until the running job has saved its first checkpoint; returns its step."""
+    deadline = time.monotonic() + JOB_TIMEOUT
+    while (step := latest_step(run_dir)) < 0:
+        state = _job(env, job_id).get("JobState")
+        assert state in ("PENDING", "CONFIGURING", "RUNNING") and time.monotonic() < deadline, \
+            f"job {job_id} ({state}) saved no checkpoint:\n{_read(log)}"
+        time.sleep(0.05)
+    return step
+
+
+def task_pid(job_id: str, rank: int) -> int:
+    """The trainer process of one task of a running job (rank = SLURM_PROCID), found by its environment."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+            env = dict(kv.split("=", 1) for kv in (proc / "environ").read_bytes().decode(errors="replace")
+                       .split("\0") if "=" in kv)
+        except OSError:  # gone, or not ours to read
+            continue
+        if argv[1:3] == [b"-m", b"train"] and env.get("SLURM_JOB_ID") == job_id \
+                and env.get("SLURM_PROCID") == str(rank):
+            found.append(int(proc.name))
+    assert len(found) == 1, f"rank {rank} of job {job_id}: processes {found}"
+    return found[0]
 
 
 def expected_master() -> str:
@@ -110,88 +161,93 @@ def expected_master() -> str:
         return "127.0.0.1"  # n1's NodeAddr, which train.sbatch looks up when the name does not resolve
 
 
+@pytest.fixture(scope="module")
+def uninterrupted(slurm_env, shards, tmp_path_factory) -> tuple[Path, Path, dict]:
+    """The reference: a 2-node job that runs from start to end. (run dir, log, final job info)."""
+    run_dir = tmp_path_factory.mktemp("slurm-uninterrupted") / "run"
+    job_id, log = submit_training(slurm_env, shards, run_dir)
+    return run_dir, log, wait_job(slurm_env, job_id, log)
+
+
 @pytest.mark.slow
-def test_two_node_job_all_reduces_over_gloo(slurm_env, tmp_path):
+def test_two_node_job_trains_and_leaves_checkpoint_and_tensorboard(uninterrupted):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir, log, info = uninterrupted
+    text = _read(log)
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "0", text
+    assert f"attempt 1: 2 node(s) n[1-2], 2 task(s), master {expected_master()} (n1)" in text
+    assert "slurm world 2, global batch 8 x 1 x 2 = 16" in text, "srun tasks joined one DeepSpeed world"
+    assert text.rstrip().endswith("finished")
+    assert latest_step(run_dir) == TOTAL_STEPS
+    assert (run_dir / "config.yaml").is_file()
+    assert json.loads((run_dir / "summary.json").read_text())["step"] == TOTAL_STEPS
+    acc = EventAccumulator(str(run_dir / TENSORBOARD_SUBDIR), size_guidance={"scalars": 0})
+    acc.Reload()
+    assert len(acc.Scalars("train/loss")) == TOTAL_STEPS // 4  # logging.log_every_steps=4
+    assert len(acc.Scalars("val/top1")) == EPOCHS
+
+
+@pytest.mark.slow
+def test_signalled_job_checkpoints_requeues_and_resumes_exactly(slurm_env, shards, uninterrupted, tmp_path):
     run_dir = tmp_path / "run"
-    job_id, log = submit_probe(slurm_env, write_recipe(tmp_path / "r.yaml"), run_dir,
-                               "probe.steps=6", "probe.step_time=0.05")
-    info = wait_job(slurm_env, job_id, log)
-    assert info["JobState"] == "COMPLETED", _read(log)
-    worlds = [json.loads((run_dir / f"world-rank{r}.json").read_text()) for r in range(2)]
-    for rank, w in enumerate(worlds):
-        assert (w["rank"], w["local_rank"], w["world_size"]) == (rank, 0, 2)
-        assert (w["launcher"], w["backend"]) == ("slurm", "gloo")
-        assert w["master_addr"] == expected_master()
-        assert w["master_port"] == master_port_for_job(int(job_id))
-        assert w["job_id"] == job_id
-    assert [w["node"] for w in worlds] == ["n1", "n2"]
-    assert steps_done(run_dir, 0) == steps_done(run_dir, 1) == list(range(6))
-    assert json.loads((run_dir / "done.json").read_text()) == {"step": 6, "world_size": 2}
-    assert "finished" in _read(log)
-
-
-@pytest.mark.slow
-def test_preempted_job_checkpoints_requeues_and_resumes(slurm_env, tmp_path):
-    run_dir, total = tmp_path / "run", 30
-    # No periodic checkpoints: the resumed run can only start from the one written on USR1.
-    job_id, log = submit_probe(slurm_env, write_recipe(tmp_path / "r.yaml"), run_dir,
-                               f"probe.steps={total}", "probe.step_time=0.15", "probe.ckpt_every=1000")
-    deadline = time.monotonic() + 60
-    while len(steps_done(run_dir, 0)) < 4:
-        assert time.monotonic() < deadline, f"probe made no progress:\n{_read(log)}"
-        assert _job(slurm_env, job_id).get("JobState") in ("PENDING", "RUNNING"), _read(log)
-        time.sleep(0.2)
+    job_id, log = submit_training(slurm_env, shards, run_dir)
+    wait_for_checkpoint(slurm_env, job_id, run_dir, log)
+    # What SLURM does --signal-seconds before the time limit: USR1 to the batch script, which forwards it.
     subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], env=slurm_env, check=True)
-    info = wait_job(slurm_env, job_id, log, timeout=90)
+    info = wait_job(slurm_env, job_id, log)
     text = _read(log)
     assert info["JobState"] == "COMPLETED", text
     assert info["Restarts"] == "1", text
-    first, second = attempts(run_dir)
-    assert (first["restart"], first["start"], second["restart"]) == (0, 0, 1)
-    assert 4 <= second["start"] < total, "resumed from the checkpoint saved on USR1"
-    # The checkpoint was taken after the step on which the ranks agreed to stop: no step is lost or redone.
-    assert steps_done(run_dir, 0) == steps_done(run_dir, 1) == list(range(total))
-    assert json.loads((run_dir / "done.json").read_text())["step"] == total
-    assert "USR1: asking the tasks to checkpoint" in text and f"requeued job {job_id}" in text
-    assert "attempt 2:" in text and text.rstrip().endswith("finished")
+    assert "USR1: asking the tasks to checkpoint" in text and f"requeued job {job_id}" in text, text
+    stopped = int(re.search(r"stop requested: checkpoint at step (\d+) saved, exiting with 3", text).group(1))
+    assert CKPT_EVERY <= stopped < TOTAL_STEPS, "stopped mid-run"
+    assert "attempt 2:" in text, text
+    assert f"resumed from {ckpt.checkpoint_dir(str(run_dir))}/{ckpt.tag_for(stopped)}: " in text, text
+    assert text.rstrip().endswith("finished")
+    assert json.loads((run_dir / "summary.json").read_text())["step"] == TOTAL_STEPS
+    assert_same_model(final_weights(uninterrupted[0]), final_weights(run_dir))
 
 
 @pytest.mark.slow
-def test_killed_task_fails_clearly_and_resubmit_resumes(slurm_env, tmp_path):
-    run_dir, total = tmp_path / "run", 12
-    recipe = write_recipe(tmp_path / "r.yaml")
-    sets = (f"probe.steps={total}", "probe.step_time=0.05", "probe.ckpt_every=4")
-    job_id, log = submit_probe({**slurm_env, "PROBE_DIE": "1:6"}, recipe, run_dir, *sets)
+def test_killed_task_fails_clearly_and_resubmit_resumes_exactly(slurm_env, shards, uninterrupted, tmp_path):
+    run_dir = tmp_path / "run"
+    job_id, log = submit_training(slurm_env, shards, run_dir)
+    wait_for_checkpoint(slurm_env, job_id, run_dir, log)
+    os.kill(task_pid(job_id, rank=1), signal.SIGKILL)  # a task lost mid-run (OOM killer, node crash)
     info = wait_job(slurm_env, job_id, log)
     text = _read(log)
     assert info["JobState"] == "FAILED" and info["ExitCode"] != "0:0", text
-    assert re.search(r"FAILED: task 1 on n2: Killed", text), text
+    assert re.search(r"FAILED: .*task 1 on n2: Killed", text), text
     assert f"Resubmit the same command to resume from the last good checkpoint in {run_dir}" in text
-    assert json.loads((run_dir / "checkpoint.json").read_text()) == {"step": 4}
+    last_good = latest_step(run_dir)
+    assert CKPT_EVERY <= last_good < TOTAL_STEPS, "killed mid-run"
 
-    job_id2, log2 = submit_probe(slurm_env, recipe, run_dir, *sets)
+    job_id2, log2 = submit_training(slurm_env, shards, run_dir)
     assert job_id2 != job_id
     info = wait_job(slurm_env, job_id2, log2)
-    assert info["JobState"] == "COMPLETED", _read(log2)
-    assert [a["start"] for a in attempts(run_dir)] == [0, 4]
-    for rank in range(2):
-        done = steps_done(run_dir, rank)
-        restart = next(i for i in range(1, len(done)) if done[i] <= done[i - 1])
-        assert done[:restart] == list(range(6)), "the first run got to step 6"
-        assert done[restart:] == list(range(4, total)), "the second resumed at the last good checkpoint, step 4"
-    assert json.loads((run_dir / "done.json").read_text())["step"] == total
+    text = _read(log2)
+    assert info["JobState"] == "COMPLETED", text
+    assert f"resumed from {ckpt.checkpoint_dir(str(run_dir))}/{ckpt.tag_for(last_good)}: " in text, text
+    assert json.loads((run_dir / "summary.json").read_text())["step"] == TOTAL_STEPS
+    assert_same_model(final_weights(uninterrupted[0]), final_weights(run_dir))
 
 
 @pytest.mark.slow
-def test_sweep_array_runs_each_config_in_its_own_run_dir(slurm_env, tmp_path):
-    recipes = [write_recipe(tmp_path / f"{name}.yaml") for name in ("small", "large")]
+def test_sweep_array_runs_each_config_in_its_own_run_dir(slurm_env, shards, tmp_path):
+    recipe = yaml.safe_load((REPO / "train" / "configs" / "fashion_mnist.yaml").read_text())
+    recipes = []
+    for seed, name in ((1, "small"), (2, "large")):
+        recipes.append(tmp_path / f"{name}.yaml")
+        recipes[-1].write_text(yaml.safe_dump({**recipe, "seed": seed}))
     (tmp_path / "sweep.txt").write_text("# sweep\n" + "".join(f"{r}\n\n" for r in recipes))
     sweep_dir = tmp_path / "sweep"
     (sweep_dir / "logs").mkdir(parents=True)
+    trainer_args = [a for s in (f"data.dir={shards}", *TINY, "schedule.epochs=1") for a in ("--set", s)]
     res = subprocess.run(
         ["sbatch", "--parsable", "--array=0-1", "--nodes=1", f"--chdir={REPO}",
          f"--output={sweep_dir}/logs/%x-%A_%a.out", str(REPO / "slurm" / "sweep.sbatch"), str(tmp_path / "sweep.txt"),
-         str(sweep_dir), "--set", "probe.steps=3", "--set", "probe.step_time=0.05"],
+         str(sweep_dir), *trainer_args],
         env=slurm_env, capture_output=True, text=True, check=True)
     array_id = res.stdout.strip()
     for i, name in enumerate(("small", "large")):
@@ -199,17 +255,24 @@ def test_sweep_array_runs_each_config_in_its_own_run_dir(slurm_env, tmp_path):
         info = wait_job(slurm_env, f"{array_id}_{i}", log)
         assert info["JobState"] == "COMPLETED", _read(log)
         run_dir = sweep_dir / f"{i}-{name}"
-        world = json.loads((run_dir / "world-rank0.json").read_text())
-        assert world["config"] == str(recipes[i]) and world["world_size"] == 1
-        assert json.loads((run_dir / "done.json").read_text())["step"] == 3
+        assert yaml.safe_load((run_dir / "config.yaml").read_text())["seed"] == i + 1, "line i's config"
+        assert json.loads((run_dir / "summary.json").read_text())["step"] == TRAIN_SAMPLES // MICRO_BATCH
+        assert "slurm world 1" in _read(log)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# slurm.submit without a cluster
+
+
+def _sets(items) -> list[str]:
+    return [a for s in items for a in ("--set", s)]
 
 
 def test_submit_dry_run_renders_the_job(tmp_path):
-    recipe = write_recipe(tmp_path / "r.yaml", global_batch_size=256)
     run_dir = tmp_path / "run"
-    res = submit({**os.environ}, "--config", str(recipe), "--nodes", "2", "--gpus-per-node", "4",
+    res = submit({**os.environ}, "--config", "fashion_mnist", "--nodes", "2", "--gpus-per-node", "4",
                  "--partition", "gpu", "--time", "1-00:00:00", "--account", "proj", "--run-dir", str(run_dir),
-                 "--signal-seconds", "120", "--set", "optim.lr=1e-3", "--dry-run")
+                 "--signal-seconds", "120", *_sets([*GLOBAL_256, "optim.lr=1e-3"]), "--dry-run")
     assert res.returncode == 0, res.stderr
     assert "world size 8 (nccl); global batch 8 x 4 accum x 8 = 256" in res.stdout
     cmd = res.stdout.strip().splitlines()[-1].split()
@@ -218,58 +281,78 @@ def test_submit_dry_run_renders_the_job(tmp_path):
                  "--account=proj", "--requeue", "--signal=B:USR1@120", "--open-mode=append",
                  f"--output={run_dir}/logs/%x-%j.out", f"--chdir={REPO}"):
         assert flag in cmd
-    assert cmd[-5:] == [str(REPO / "slurm" / "train.sbatch"), str(recipe), str(run_dir), "--set", "optim.lr=1e-3"]
+    assert cmd[-9:] == [str(REPO / "slurm" / "train.sbatch"), str(REPO / "train" / "configs" / "fashion_mnist.yaml"),
+                        str(run_dir), *_sets([*GLOBAL_256, "optim.lr=1e-3"])]
     assert not run_dir.exists(), "a dry run creates nothing"
 
-    cpu = submit({**os.environ}, "--config", str(recipe), "--nodes", "4", "--gpus-per-node", "0", "--dry-run")
+    cpu = submit({**os.environ}, "--config", "fashion_mnist", "--nodes", "4", "--gpus-per-node", "0",
+                 *_sets(GLOBAL_256), "--dry-run")
     assert cpu.returncode == 0, cpu.stderr
     assert "--ntasks-per-node=1" in cpu.stdout and "--gpus-per-node" not in cpu.stdout.splitlines()[-1]
     assert "(gloo); global batch 8 x 8 accum x 4 = 256" in cpu.stdout
+    assert f"{REPO}/runs/fashion_mnist" in cpu.stdout, "default run dir: runs/<recipe> in the repository"
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--nodes", "0", "--gpus-per-node", "8"], "--nodes must be at least 1"),
-    (["--nodes", "1", "--gpus-per-node", "-1"], "--gpus-per-node must be >= 0"),
-    (["--nodes", "3", "--gpus-per-node", "4"], "does not divide by world size x micro batch = 12 x 8 = 96"),
-    (["--nodes", "1", "--gpus-per-node", "8", "--set", "optim.grad_accum_steps=2"], "optim.grad_accum_steps=2"),
-    (["--nodes", "1", "--gpus-per-node", "1", "--set", "data.batch_size=0"], "data.batch_size"),
-    (["--nodes", "1", "--gpus-per-node", "1", "--signal-seconds", "0"], "--signal-seconds"),
-])
-def test_impossible_requests_fail_before_submitting(tmp_path, args, message):
+def _fake_sbatch(tmp_path: Path) -> tuple[dict, Path]:
     fake_bin = tmp_path / "bin"
     fake_bin.mkdir()
     marker = tmp_path / "sbatch-called"
     (fake_bin / "sbatch").write_text(f"#!/bin/sh\ntouch {marker}\necho 1\n")
     (fake_bin / "sbatch").chmod(0o755)
-    env = {**os.environ, "PATH": f"{fake_bin}:{os.environ['PATH']}"}
-    recipe = write_recipe(tmp_path / "r.yaml", global_batch_size=256)
-    res = submit(env, "--config", str(recipe), "--run-dir", str(tmp_path / "run"), *args)
+    return {**os.environ, "PATH": f"{fake_bin}:{os.environ['PATH']}"}, marker
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--nodes", "0", "--gpus-per-node", "8"], "--nodes must be at least 1"),
+    (["--nodes", "1", "--gpus-per-node", "-1"], "--gpus-per-node must be >= 0"),
+    (["--nodes", "1", "--gpus-per-node", "1", "--signal-seconds", "0"], "--signal-seconds"),
+    (["--nodes", "3", "--gpus-per-node", "4"], "world size 12 = --nodes 3 x 4 task(s) per node"),
+])
+def test_impossible_job_shapes_fail_before_submitting(tmp_path, args, message):
+    env, marker = _fake_sbatch(tmp_path)
+    res = submit(env, "--config", "fashion_mnist", "--run-dir", str(tmp_path / "run"), *_sets(GLOBAL_256), *args)
     assert res.returncode == 2 and message in res.stderr, res.stderr
+    assert not marker.exists() and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("overrides, nodes, gpus", [
+    (["optim.weigth_decay=0.1"], 1, 1),  # unknown key, with the closest valid one
+    (["data.batch_size=big"], 1, 1),  # wrong type
+    (["data.batch_size=0"], 1, 1),
+    ([*GLOBAL_256, "optim.grad_accum_steps=2"], 1, 8),  # 8 x 2 x 8 != 256
+    (GLOBAL_256, 3, 4),  # 256 is not a multiple of 8 x 12
+    (["model.kwargs=[1]"], 1, 1),
+])
+def test_config_errors_are_the_trainers_and_nothing_is_submitted(tmp_path, overrides, nodes, gpus):
+    try:
+        plan_batches(load_config("fashion_mnist", overrides), nodes * gpus)
+        pytest.fail(f"the trainer accepts {overrides} at world size {nodes * gpus}")
+    except ConfigError as exc:
+        expected = str(exc)
+    env, marker = _fake_sbatch(tmp_path)
+    res = submit(env, "--config", "fashion_mnist", "--nodes", str(nodes), "--gpus-per-node", str(gpus),
+                 "--run-dir", str(tmp_path / "run"), *_sets(overrides))
+    assert res.returncode == 2 and f"submit: error: {expected}" in res.stderr, res.stderr
     assert not marker.exists() and not (tmp_path / "run").exists()
 
 
 def test_missing_config_names_the_recipes(tmp_path):
     res = submit({**os.environ}, "--config", str(tmp_path / "nope.yaml"), "--nodes", "1", "--gpus-per-node", "1")
-    assert res.returncode == 2 and "not found" in res.stderr and "recipe name" in res.stderr
+    assert res.returncode == 2 and "not found" in res.stderr and "fashion_mnist" in res.stderr, res.stderr
 
 
-def test_plan_job_math():
-    assert plan_job(2, 8, 128, None, 4096) == JobPlan(2, 8, 8, 128, 2)
-    assert plan_job(2, 8, 128, None, 4096).global_batch_size == 4096
-    assert plan_job(2, 0, 32, 3, None) == JobPlan(2, 0, 1, 32, 3)
-    assert plan_job(1, 0, 32).backend == "gloo" and plan_job(1, 1, 32).backend == "nccl"
-    assert plan_job(4, 2, 16, 2, 256).grad_accum_steps == 2
-    with pytest.raises(SubmitError, match="multiple of 2560"):
-        plan_job(5, 4, 128, None, 4096)
-    with pytest.raises(SubmitError, match="needs grad accumulation 2"):
-        plan_job(2, 8, 128, 4, 4096)
+def test_plan_job_uses_the_trainers_batch_plan():
+    cfg = load_config("fashion_mnist", ["optim.global_batch_size=4096"])  # micro batch 128
+    assert plan_job(2, 8, cfg) == JobPlan(2, 8, BatchPlan(128, 2, 16))
+    assert plan_job(2, 8, cfg).tasks_per_node == 8 and plan_job(2, 8, cfg).backend == "nccl"
+    cpu = plan_job(4, 0, cfg)
+    assert (cpu.tasks_per_node, cpu.backend, cpu.batch) == (1, "gloo", BatchPlan(128, 8, 4))
+    with pytest.raises(SubmitError, match=r"128 x 20 = 2560.*world size 20 = --nodes 5 x 4 task"):
+        plan_job(5, 4, cfg)
 
 
-def test_batch_sizes_are_read_defensively():
-    assert batch_sizes({}) == (None, None, None)
-    assert batch_sizes({"data": {"batch_size": 64}, "optim": {"grad_accum_steps": None, "global_batch_size": 512}}) \
-        == (64, None, 512)
-    assert batch_sizes({"data": {"batch_size": 64}, "optim": {"grad_accum": 2}}) == (64, 2, None)
-    assert batch_sizes({"data": None, "optim": "x"}) == (None, None, None)
-    with pytest.raises(SubmitError, match="data.batch_size must be an integer"):
-        batch_sizes({"data": {"batch_size": "big"}})
+def test_submit_stays_light_and_agrees_with_the_trainer_on_tensorboard():
+    from train.logger import TENSORBOARD_SUBDIR as TRAINER_SUBDIR
+    assert TENSORBOARD_SUBDIR == TRAINER_SUBDIR
+    probe = "import sys, slurm.submit; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([PY, "-c", probe], cwd=REPO).returncode == 0, "slurm.submit must not import torch"

@@ -1,6 +1,6 @@
 """The trainer end to end: real processes (torchrun and the deepspeed launcher, 2 ranks, gloo), real DeepSpeed,
-real WebDataset shards (a slice of the packaged Fashion-MNIST written by pipelines.shards), real TensorBoard
-event files. Runs share one shard folder and keep to a few optimizer steps on a small model at 32px."""
+real WebDataset shards (the `shards` fixture of conftest.py: a slice of the packaged Fashion-MNIST), real
+TensorBoard event files. Runs share one shard folder and keep to a few optimizer steps on a small model at 32px."""
 from __future__ import annotations
 
 import glob
@@ -15,16 +15,14 @@ import time
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
+from tests.conftest import VAL_SAMPLES, assert_same_model, final_weights
 from train import checkpoint as ckpt
 from train.config import ConfigError, load_config, plan_batches
 from train.logger import TENSORBOARD_SUBDIR
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)
-FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
-TRAIN_SAMPLES, VAL_SAMPLES, SHARD_SIZE = 256, 96, 32
 # 256 samples / (16 per rank x 2 ranks) = 8 optimizer updates per epoch.
 SMALL = ["data.batch_size=16", "data.num_workers=0", "schedule.epochs=2", "schedule.warmup_epochs=0.5",
          "logging.log_every_steps=2", "logging.progress_bar=false", "checkpoint.every_steps=4", "optim.lr=2e-3"]
@@ -35,31 +33,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _images() -> tuple[np.ndarray, np.ndarray]:
-    from pipelines.shards import read_idx
-    if not os.path.isdir(FASHION_MNIST):
-        pytest.skip(f"{FASHION_MNIST} missing (Debian package dataset-fashion-mnist; scripts/setup.sh installs it)")
-    return (read_idx(os.path.join(FASHION_MNIST, "train-images-idx3-ubyte.gz")),
-            read_idx(os.path.join(FASHION_MNIST, "train-labels-idx1-ubyte.gz")))
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> str:
-    """A real shard folder: Fashion-MNIST images as class folders, written with pipelines.shards."""
-    from pipelines.shards import main as shards_main
-    images, labels = _images()
-    root = tmp_path_factory.mktemp("fmnist")
-    out = str(root / "wds")
-    for split, start, n in (("train", 0, TRAIN_SAMPLES), ("validation", 10_000, VAL_SAMPLES)):
-        for i in range(start, start + n):
-            folder = root / "src" / split / f"c{labels[i]}"
-            folder.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(images[i]).save(folder / f"{i:05d}.png")
-        assert shards_main(["imagefolder", str(root / "src" / split), out, "--split", split, "--shard-size",
-                            str(SHARD_SIZE), "--workers", "1", "--no-progress"]) == 0
-    return out
 
 
 def launch(run_dir, data, *sets, launcher="torchrun", nproc=2, config="fashion_mnist", wait=True, timeout=300):
@@ -90,12 +63,6 @@ def scalars(run_dir, tag: str) -> list[float]:
     acc = EventAccumulator(os.path.join(str(run_dir), TENSORBOARD_SUBDIR), size_guidance={"scalars": 0, "images": 0})
     acc.Reload()
     return [e.value for e in acc.Scalars(tag)]
-
-
-def final_weights(run_dir) -> dict[str, torch.Tensor]:
-    from train.export import consolidated_state_dict
-    ckpt_dir = ckpt.checkpoint_dir(str(run_dir))
-    return consolidated_state_dict(ckpt_dir, ckpt.latest_tag(ckpt_dir))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -227,19 +194,6 @@ def test_kill_and_resume_is_exact(shards, tmp_path):
     ema_a = torch.load(glob.glob(f"{straight}/checkpoints/*/mp_rank_00_model_states.pt")[0], weights_only=False)["ema"]
     ema_b = torch.load(glob.glob(f"{broken}/checkpoints/*/mp_rank_00_model_states.pt")[0], weights_only=False)["ema"]
     assert_same_model(ema_a, ema_b)
-
-
-def assert_same_model(a: dict, b: dict) -> None:
-    """Weights: max abs diff <= 1e-6 (in practice bit-identical). BN running statistics: relative 1e-6, because
-    the SIGUSR1 stop saves off the every_steps schedule, and every save averages BN statistics across ranks in
-    place (as timm does): averaging commutes with the running-average update, so the final statistics agree up
-    to re-associated float sums (1 ulp, e.g. 6e-5 on a running_var of 1,175)."""
-    for k in a:
-        diff = (a[k].double() - b[k].double()).abs().max().item()
-        if "running_" in k:
-            assert diff <= 1e-6 * max(1.0, a[k].double().abs().max().item()), (k, diff)
-        else:
-            assert diff <= 1e-6, (k, diff)
 
 
 @pytest.mark.slow
