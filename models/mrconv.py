@@ -85,7 +85,9 @@ class MRConv(nn.Module):
         kt = self.kernel_type
         if kt in ("fourier", "fourier_sparse"):
             m = self.n_modes
-            self.fourier_modes = nn.Parameter(torch.randn(dirs, n, d, m, 2) / math.sqrt(2 * m))
+            # (real, imag) pairs interleaved on the last dim; kept 4-D so `model.to(memory_format=channels_last)`
+            # (timm's --channels-last) accepts the model
+            self.fourier_modes = nn.Parameter(torch.randn(dirs, n, d, 2 * m) / math.sqrt(2 * m))
         if kt in ("sparse", "fourier_sparse"):
             k = self.n_sparse
             gen = torch.Generator().manual_seed(self.seed)
@@ -121,7 +123,7 @@ class MRConv(nn.Module):
             return K.pad_to(list(self.dense_kernels), length)
         parts = []
         if kt in ("fourier", "fourier_sparse"):
-            modes = torch.view_as_complex(self.fourier_modes)
+            modes = torch.view_as_complex(self.fourier_modes.reshape(*self.fourier_modes.shape[:-1], -1, 2).contiguous())
             parts.append(K.pad_to([K.fourier_kernel(modes[:, i], li) for i, li in enumerate(self.lengths)], length))
         if kt in ("sparse", "fourier_sparse"):
             parts.append(K.sparse_kernel(self.sparse_values, self.sparse_index, length))

@@ -143,6 +143,12 @@ def _filter_fn(state_dict: Mapping[str, torch.Tensor], model: MRConvNeXt) -> Map
 
 
 def _create_mrconvnext(variant: str, pretrained: bool = False, **kwargs) -> MRConvNeXt:
+    if "img_size" in kwargs:  # the config's input size follows the layout, so timm's data config picks it
+        height, width = to_2tuple(kwargs["img_size"])
+        reduction = kwargs.get("patch_size", 4) * 8
+        overlay = dict(input_size=(kwargs.get("in_chans", 3), height, width),
+                       pool_size=(max(height // reduction, 1), max(width // reduction, 1)))
+        kwargs["pretrained_cfg_overlay"] = overlay | (kwargs.get("pretrained_cfg_overlay") or {})
     return build_model_with_cfg(
         MRConvNeXt, variant, pretrained,
         pretrained_filter_fn=_filter_fn,

@@ -59,7 +59,8 @@ def naive_branch_kernels(layer: MRConv) -> list[tuple[torch.Tensor, torch.Tensor
             else:
                 k = torch.zeros(layer.dim, length, dtype=torch.float64)
                 if kt in ("fourier", "fourier_sparse"):
-                    modes = torch.view_as_complex(layer.fourier_modes[di, i].detach().contiguous())
+                    pairs = layer.fourier_modes[di, i].detach().reshape(layer.dim, -1, 2)
+                    modes = torch.complex(pairs[..., 0], pairs[..., 1])
                     fourier = naive_fourier(modes, length)
                     k += fourier * (layer.beta[di, i, 0].double() if kt == "fourier_sparse" else 1.0)
                 if kt in ("sparse", "fourier_sparse"):

@@ -125,6 +125,17 @@ def test_features_only_and_intermediates_have_the_right_shapes():
     assert [i["num_chs"] for i in model.feature_info] == [40, 80, 160, 320]
 
 
+def test_config_follows_the_layout_size_and_channels_last_works():
+    model = timm.create_model("mrconvnext_atto", img_size=48, patch_size=2, in_chans=1, num_classes=3)
+    assert model.pretrained_cfg["input_size"] == (1, 48, 48) and model.pretrained_cfg["pool_size"] == (3, 3)
+    assert timm.data.resolve_data_config({}, model=model)["input_size"] == (1, 48, 48)
+    model = model.to(memory_format=torch.channels_last).eval()  # timm's --channels-last
+    x = torch.randn(2, 1, 48, 48).to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        ref = model(x)
+        torch.testing.assert_close(timm.utils.reparameterize_model(model)(x), ref, rtol=1e-5, atol=1e-5)
+
+
 def test_head_and_grouping_interface():
     model = timm.create_model("mrconvnext_atto", img_size=32, num_classes=4)
     assert model.get_classifier().out_features == 4
