@@ -77,8 +77,9 @@ class MRConvNeXt(ConvNeXt):
             raise ValueError("MRConvNeXt supports output_stride=32 only (the kernels follow the stage lengths)")
         super().__init__(patch_size=patch_size, output_stride=output_stride, **kwargs)
         height, width = to_2tuple(img_size)
-        sides = [(height // (patch_size * 2**i), width // (patch_size * 2**i)) for i in range(len(self.stages))]
-        seq_lens = [max(h * w, 1) for h, w in sides]
+        # Each stage's real stride (timm's stem + stage-0 downsample reach 4 whatever the patch size).
+        reductions = [info["reduction"] for info in self.feature_info]
+        seq_lens = [max(height // r, 1) * max(width // r, 1) for r in reductions]
         l0 = tuple(l0) if l0 is not None else default_l0(seq_lens, max_resolutions, min_l0)
         if len(l0) != len(self.stages):
             raise ValueError(f"MRConvNeXt: l0 needs one value per stage ({len(self.stages)}), got {l0}")
@@ -145,7 +146,7 @@ def _filter_fn(state_dict: Mapping[str, torch.Tensor], model: MRConvNeXt) -> Map
 def _create_mrconvnext(variant: str, pretrained: bool = False, **kwargs) -> MRConvNeXt:
     if "img_size" in kwargs:  # the config's input size follows the layout, so timm's data config picks it
         height, width = to_2tuple(kwargs["img_size"])
-        reduction = kwargs.get("patch_size", 4) * 8
+        reduction = 32  # ConvNeXt's total stride, whatever the patch size
         overlay = dict(input_size=(kwargs.get("in_chans", 3), height, width),
                        pool_size=(max(height // reduction, 1), max(width // reduction, 1)))
         kwargs["pretrained_cfg_overlay"] = overlay | (kwargs.get("pretrained_cfg_overlay") or {})

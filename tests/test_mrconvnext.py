@@ -67,6 +67,14 @@ def test_paper_sizes_follow_convnext(variant):
     assert abs(params_m / PAPER_PARAMS_M[variant] - 1) < 0.05, params_m
 
 
+@pytest.mark.parametrize("img_size, patch_size", [(64, 4), (64, 2), (96, 4)])
+def test_kernels_are_laid_out_for_the_real_stage_lengths(img_size, patch_size):
+    model = timm.create_model("mrconvnext_atto", img_size=img_size, patch_size=patch_size).eval()
+    _, feats = model.forward_intermediates(torch.randn(1, 3, img_size, img_size))
+    for stage, feat in zip(model.stages, feats):
+        assert stage.blocks[0].conv_dw.seq_len == feat.shape[-2] * feat.shape[-1]
+
+
 def test_default_l0_reproduces_the_paper_at_224():
     assert models.default_l0([3136, 784, 196, 49]) == (196, 49, 28, 28)
 
@@ -126,11 +134,11 @@ def test_features_only_and_intermediates_have_the_right_shapes():
 
 
 def test_config_follows_the_layout_size_and_channels_last_works():
-    model = timm.create_model("mrconvnext_atto", img_size=48, patch_size=2, in_chans=1, num_classes=3)
-    assert model.pretrained_cfg["input_size"] == (1, 48, 48) and model.pretrained_cfg["pool_size"] == (3, 3)
-    assert timm.data.resolve_data_config({}, model=model)["input_size"] == (1, 48, 48)
+    model = timm.create_model("mrconvnext_atto", img_size=96, patch_size=2, in_chans=1, num_classes=3)
+    assert model.pretrained_cfg["input_size"] == (1, 96, 96) and model.pretrained_cfg["pool_size"] == (3, 3)
+    assert timm.data.resolve_data_config({}, model=model)["input_size"] == (1, 96, 96)
     model = model.to(memory_format=torch.channels_last).eval()  # timm's --channels-last
-    x = torch.randn(2, 1, 48, 48).to(memory_format=torch.channels_last)
+    x = torch.randn(2, 1, 96, 96).to(memory_format=torch.channels_last)
     with torch.no_grad():
         ref = model(x)
         torch.testing.assert_close(timm.utils.reparameterize_model(model)(x), ref, rtol=1e-5, atol=1e-5)
