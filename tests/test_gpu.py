@@ -1,0 +1,69 @@
+"""GPU correctness (CUDA): the fold stays exact with cuFFT/cuBLAS/cuDNN, and bf16 autocast trains a BatchNorm
+model. CI has no GPU: these run where one is present (`pytest tests/test_gpu.py` on a GPU machine)."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import timm
+import torch
+
+import models  # noqa: F401
+from models import MRConv
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CI has none)")
+
+
+@pytest.fixture(autouse=True)
+def exact_fp32():
+    """TF32 would make fp32 convolutions and matmuls approximate (~1e-3), hiding what the fold does."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+@pytest.mark.parametrize("impl", ["fft", "toeplitz"])
+@pytest.mark.parametrize("kernel_type", ["fourier_sparse", "dilated", "dense"])
+def test_fold_is_exact_on_cuda(kernel_type, impl):
+    torch.manual_seed(0)
+    layer = MRConv(32, 784, 49, kernel_type=kernel_type, conv_impl=impl).cuda()
+    opt = torch.optim.AdamW(layer.parameters(), lr=1e-2)
+    for _ in range(3):
+        loss = layer(torch.randn(4, 32, 784, device="cuda") * 2 + 1).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    layer.eval()
+    fused = copy.deepcopy(layer)
+    fused.reparameterize()
+    x = torch.randn(4, 32, 784, device="cuda")
+    with torch.inference_mode():
+        ref, out = layer(x), fused(x)
+    assert (out - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
+def test_bf16_autocast_trains_a_batchnorm_model_on_cuda():
+    torch.manual_seed(0)
+    model = timm.create_model("mrconvnext_atto", img_size=64, num_classes=4, ls_init_value=1.0).cuda()
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    x = torch.randn(16, 3, 64, 64, device="cuda")
+    y = torch.randint(0, 4, (16,), device="cuda")
+    losses = []
+    for _ in range(15):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < 0.5 * losses[0]
+    assert all(b.dtype == torch.float32 for b in model.buffers() if b.is_floating_point())
+
+    model.eval()
+    fused = timm.utils.reparameterize_model(model)
+    with torch.inference_mode():
+        ref = model(x)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = fused(x)
+    assert (out.float() - ref).abs().max() <= 5e-2 * ref.abs().max()  # bf16 matmuls, fp32 FFTs
