@@ -71,8 +71,16 @@ def load_call(name: str, out: str, num_classes: int, in_chans: int, img_size: in
             f"input_size=({in_chans}, {img_size}, {img_size})))")
 
 
+def save_atomic(state: dict[str, torch.Tensor], path: str, metadata: dict[str, str]) -> None:
+    """Write safetensors under a temporary name, then rename: a crash never leaves a half-written file at ``path``."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    save_file({k: v.detach().contiguous() for k, v in state.items()}, tmp, metadata=metadata)
+    os.replace(tmp, path)
+
+
 def export(run_dir: str, out: str, data_dir: Optional[str] = None, split: str = "validation", ema: bool = False,
-           tag: Optional[str] = None, num_images: int = 32) -> dict:
+           tag: Optional[str] = None, num_images: int = 32, unfused_out: Optional[str] = None) -> dict:
     ckpt_dir = ckpt.checkpoint_dir(run_dir)
     tag = tag or ckpt.latest_tag(ckpt_dir)
     if tag is None:
@@ -92,9 +100,10 @@ def export(run_dir: str, out: str, data_dir: Optional[str] = None, split: str = 
     if not rel <= MAX_REL_DIFF:
         raise SystemExit(f"fused model differs from the unfused one: max rel diff {rel:.3e} > {MAX_REL_DIFF:g} on "
                          f"{source}; not writing {out}")
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    save_file({k: v.detach().contiguous() for k, v in fused.state_dict().items()}, out,
-              metadata={"model": m.name, "checkpoint": f"{ckpt_dir}/{tag}"})
+    metadata = {"model": m.name, "checkpoint": f"{ckpt_dir}/{tag}"}
+    save_atomic(fused.state_dict(), out, metadata | {"form": "fused"})
+    if unfused_out:  # the training form: for fine-tuning and the alpha / kernel diagnostics (pipelines.plot)
+        save_atomic(model.state_dict(), unfused_out, metadata | {"form": "unfused"})
     # Models with a fused form (MRConvNeXt, RepVGG, ...) take inference_mode=True to build it.
     has_fused_form = "inference_mode" in inspect.signature(type(model).__init__).parameters
     call = load_call(m.name, out, m.num_classes, m.in_chans, cfg.data.img_size, m.kwargs, has_fused_form)
@@ -110,7 +119,8 @@ def export(run_dir: str, out: str, data_dir: Optional[str] = None, split: str = 
     print(f"exported {m.name} ({'EMA' if ema else 'model'} weights) from {ckpt_dir}/{tag} (step {meta['step']})\n"
           f"  parameters: {params:,} training form -> {fused_params:,} fused\n"
           f"  fold check: max rel diff {rel:.2e} (limit {MAX_REL_DIFF:g}) on {source}\n"
-          f"  wrote {out} and {os.path.splitext(out)[0] + '.json'}\n"
+          f"  wrote {out} and {os.path.splitext(out)[0] + '.json'}"
+          f"{f' and the training form to {unfused_out}' if unfused_out else ''}\n"
           f"  load with: {call}")
     return info
 
@@ -125,8 +135,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--ema", action="store_true", help="export the EMA weights")
     p.add_argument("--tag", default=None, help="checkpoint tag (default: latest)")
     p.add_argument("--num-images", type=int, default=32)
+    p.add_argument("--unfused-out", default=None, help="also write the training-form weights (.safetensors) here")
     args = p.parse_args(argv)
-    export(args.run_dir, args.out, args.data, args.split, args.ema, args.tag, args.num_images)
+    export(args.run_dir, args.out, args.data, args.split, args.ema, args.tag, args.num_images, args.unfused_out)
     return 0
 
 

@@ -1,0 +1,165 @@
+"""``python -m pipelines.quickstart``: the whole product end to end on the built-in default, Fashion-MNIST.
+
+Every step is one of the repository's own commands, printed before it runs, so the output doubles as a
+tutorial; the same commands scale to ImageNet (see the README):
+
+  1. data      Fashion-MNIST idx files (Debian's dataset-fashion-mnist, else the official download)
+               -> WebDataset shards                                  python -m pipelines.shards fashion-mnist
+  2. train     a small MRConvNeXt with DeepSpeed on 2 local ranks    torchrun -m train --config fashion_mnist
+  3. export    fold it, check fused == unfused on test images        python -m train.export
+  4. evaluate  test top-1/top-5 of the exported fused model          python -m pipelines.evaluate
+  5. benchmark fused vs unfused vs the matching ConvNeXt             python -m pipelines.benchmark models
+  6. plot      accuracy vs throughput, alpha maps, learned kernels   python -m pipelines.plot
+
+Re-running resumes: finished shards are kept and training resumes from its last checkpoint.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import gzip
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+import urllib.request
+
+DEBIAN_DIR = "/usr/share/datasets/fashion-mnist"
+DOWNLOAD_URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
+# idx files: name -> (magic number, number of items)
+IDX_FILES = {
+    "train-images-idx3-ubyte.gz": (2051, 60000),
+    "train-labels-idx1-ubyte.gz": (2049, 60000),
+    "t10k-images-idx3-ubyte.gz": (2051, 10000),
+    "t10k-labels-idx1-ubyte.gz": (2049, 10000),
+}
+
+
+def idx_ok(path: str, magic: int, count: int) -> bool:
+    """An idx file with the expected header (the Debian package re-compresses, so no checksum of the .gz)."""
+    try:
+        with gzip.open(path) as f:
+            header = f.read(8)
+        return int.from_bytes(header[:4], "big") == magic and int.from_bytes(header[4:8], "big") == count
+    except OSError:
+        return False
+
+
+def fashion_mnist_source(cache_dir: str) -> str:
+    """A folder with the four Fashion-MNIST idx files: Debian's package, else a verified download."""
+    if all(idx_ok(os.path.join(DEBIAN_DIR, n), *spec) for n, spec in IDX_FILES.items()):
+        print(f"[data] Fashion-MNIST from the Debian package dataset-fashion-mnist ({DEBIAN_DIR})")
+        return DEBIAN_DIR
+    os.makedirs(cache_dir, exist_ok=True)
+    for name, spec in IDX_FILES.items():
+        path = os.path.join(cache_dir, name)
+        if idx_ok(path, *spec):
+            continue
+        print(f"[data] downloading {DOWNLOAD_URL}{name} (no dataset-fashion-mnist package: "
+              f"`apt-get install dataset-fashion-mnist` avoids this)")
+        tmp = path + ".part"
+        try:
+            urllib.request.urlretrieve(DOWNLOAD_URL + name, tmp)
+        except OSError as exc:
+            raise SystemExit(f"could not download {name}: {exc}. Install the Debian package dataset-fashion-mnist "
+                             f"or put the four idx .gz files into {cache_dir}") from exc
+        if not idx_ok(tmp, *spec):
+            os.remove(tmp)
+            raise SystemExit(f"{DOWNLOAD_URL}{name} is not the Fashion-MNIST idx file it should be")
+        os.replace(tmp, path)
+    return cache_dir
+
+
+def run(cmd: list[str], *, env: dict | None = None) -> None:
+    """Run one of the repository's commands, showing it first; stop the quickstart if it fails."""
+    print(f"\n$ {shlex.join(cmd)}", flush=True)
+    result = subprocess.run(cmd, env=env)
+    if result.returncode != 0:
+        raise SystemExit(f"step failed (exit {result.returncode}): {shlex.join(cmd)}")
+
+
+def read_rows(path: str) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m pipelines.quickstart", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default="data/fashion-mnist-wds", help="shard folder (written if missing)")
+    p.add_argument("--run-dir", default="runs/quickstart")
+    p.add_argument("--config", default="fashion_mnist", help="training recipe (train/configs)")
+    p.add_argument("--ranks", type=int, default=2, help="local DeepSpeed ranks (gloo on CPU, NCCL on GPUs)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="recipe overrides passed to the trainer, e.g. --set schedule.epochs=1")
+    args = p.parse_args(argv)
+
+    from train.config import load_config
+
+    cfg = load_config(args.config, [f"data.dir={args.data}", *args.overrides])
+    py = sys.executable
+    run_dir, data = args.run_dir, args.data
+    weights = os.path.join(run_dir, "model.safetensors")
+    results_csv, bench_csv = os.path.join(run_dir, "results.csv"), os.path.join(run_dir, "bench.csv")
+    t0 = time.perf_counter()
+    # The 2 ranks share the machine's cores; one intra-op thread each avoids oversubscription.
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+
+    print(f"== 1/6 data: Fashion-MNIST -> WebDataset shards in {data}")
+    run([py, "-m", "pipelines.shards", "fashion-mnist", fashion_mnist_source("data/fashion-mnist"), data])
+
+    print(f"\n== 2/6 train: {cfg.model.name} with DeepSpeed on {args.ranks} local ranks -> {run_dir}")
+    run([py, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.ranks}", "-m", "train",
+         "--config", args.config, "--run-dir", run_dir, "--set", f"data.dir={data}",
+         *[a for o in args.overrides for a in ("--set", o)]], env=env)
+
+    print("\n== 3/6 export: fold the branches into one kernel per layer, check fused == unfused")
+    unfused = os.path.join(run_dir, "model_unfused.safetensors")
+    run([py, "-m", "train.export", run_dir, weights, "--data", data, "--unfused-out", unfused], env=env)
+
+    print("\n== 4/6 evaluate: the exported fused model on the 10,000 test images")
+    if os.path.exists(results_csv):
+        os.remove(results_csv)
+    run([py, "-m", "pipelines.evaluate", "--model", cfg.model.name, "--checkpoint", weights, "--data", data,
+         "--name", f"{cfg.model.name}@fused", "--results", results_csv], env=env)
+
+    print("\n== 5/6 benchmark: inference throughput, fused vs unfused vs the matching ConvNeXt (one run)")
+    from pipelines.data import read_info
+
+    num_classes = cfg.model.num_classes or len(read_info(data)["classes"])
+    kwargs = dict(cfg.model.kwargs)
+    img_size = kwargs.pop("img_size", cfg.data.img_size)
+    peer = cfg.model.name.replace("mrconvnext_", "convnext_", 1)
+    run([py, "-m", "pipelines.benchmark", "models", "--models", f"{cfg.model.name}@fused",
+         f"{cfg.model.name}@unfused", peer, "--img-size", str(img_size), "--in-chans", str(cfg.model.in_chans),
+         "--num-classes", str(num_classes), "--model-kwargs", json.dumps(kwargs), "--batch-size", "256",
+         "--csv", bench_csv], env=env)
+
+    print("\n== 6/6 plot: accuracy vs throughput, per-stage alpha weights, learned kernels")
+    plots = {name: os.path.join(run_dir, f"{name}.png") for name in ("accuracy_throughput", "alpha", "kernels")}
+    run([py, "-m", "pipelines.plot", "--results", results_csv, "--bench", bench_csv,
+         "--out", plots["accuracy_throughput"], "--title", "Fashion-MNIST: top-1 vs CPU inference throughput"])
+    for what, extra in (("alpha", []), ("kernels", ["--layer", "stages.0.blocks.0.conv_dw"])):  # the longest
+        run([py, "-m", "pipelines.plot", what, "--model", cfg.model.name, "--checkpoint", unfused,
+             "--model-kwargs", json.dumps(cfg.model.kwargs), "--out", plots[what], *extra])
+
+    top1 = float(read_rows(results_csv)[0]["top1"])
+    speed = {r["model"]: float(r["infer_samples_per_sec"]) for r in read_rows(bench_csv)}
+    fused, unf, base = (speed[f"{cfg.model.name}@fused"], speed[f"{cfg.model.name}@unfused"], speed[peer])
+    minutes = (time.perf_counter() - t0) / 60
+    print(f"""
+== summary ({minutes:.1f} min)
+  test top-1            {top1:.2f}% on the 10,000 Fashion-MNIST test images ({cfg.model.name}, fused)
+  throughput (CPU)      fused {fused:,.0f} img/s = {fused / unf:.2f}x unfused ({unf:,.0f}), {fused / base:.2f}x {peer} ({base:,.0f})
+  exported weights      {weights} (+ {weights[:-len('.safetensors')]}.json: how to load it with timm)
+  plots                 {', '.join(plots.values())}
+  TensorBoard           tensorboard --logdir {os.path.join(run_dir, 'tensorboard')}
+  results (timm CSVs)   {results_csv}, {bench_csv}""")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
