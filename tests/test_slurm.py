@@ -342,7 +342,7 @@ def test_missing_config_names_the_recipes(tmp_path):
 
 
 def test_plan_job_uses_the_trainers_batch_plan():
-    cfg = load_config("fashion_mnist", ["optim.global_batch_size=4096"])  # micro batch 128
+    cfg = load_config("fashion_mnist", ["optim.global_batch_size=4096", "data.batch_size=128"])
     assert plan_job(2, 8, cfg) == JobPlan(2, 8, BatchPlan(128, 2, 16))
     assert plan_job(2, 8, cfg).tasks_per_node == 8 and plan_job(2, 8, cfg).backend == "nccl"
     cpu = plan_job(4, 0, cfg)

@@ -219,12 +219,13 @@ def test_export_loads_in_timm(zero0_run, shards, tmp_path):
     out = str(tmp_path / "m.safetensors")
     info = export(str(run_dir), out, data_dir=shards)
     assert info["fold_check"]["max_rel_diff"] <= 1e-4
+    kwargs, size = info["kwargs"], info["img_size"]  # the recipe's model, as the export's side file records it
     model = timm.create_model("mrconvnext_atto", pretrained=True, inference_mode=True, num_classes=10, in_chans=1,
-                              img_size=32, pretrained_cfg_overlay=dict(file=out, num_classes=10,
-                                                                        input_size=(1, 32, 32))).eval()
-    reference = timm.create_model("mrconvnext_atto", num_classes=10, in_chans=1, img_size=32)
+                              **kwargs, pretrained_cfg_overlay=dict(file=out, num_classes=10,
+                                                                    input_size=(1, size, size))).eval()
+    reference = timm.create_model("mrconvnext_atto", num_classes=10, in_chans=1, **kwargs)
     reference.load_state_dict(final_weights(run_dir))
-    x = torch.randn(4, 1, 32, 32)
+    x = torch.randn(4, 1, size, size)
     with torch.no_grad():
         y, y_ref = model(x), reference.eval()(x)
     assert (y - y_ref).abs().max() <= 1e-4 * y_ref.abs().max()
