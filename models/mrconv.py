@@ -17,6 +17,9 @@ from . import kernels as K
 # side (fused layer, batch 16, README "Measured figures"): on CPU the matmul wins up to L = 100 and loses from 144;
 # on an H200 it still wins at 196 (0.10 vs 0.25 ms) and loses at 784.
 TOEPLITZ_MAX_LEN = {"cpu": 128, "cuda": 256}
+# The layer's kernel parameters and branch weights (no weight decay; the optional kernel learning rate). The
+# per-branch BatchNorm is not among them: it is an ordinary norm layer.
+KERNEL_PARAM_NAMES = ("fourier_modes", "sparse_values", "beta", "dense_kernels", "dilated_taps", "alpha")
 
 
 class MRConv(nn.Module):
@@ -158,7 +161,7 @@ class MRConv(nn.Module):
         if self.inference_mode:
             return
         weight, bias = self.fused_kernel()
-        for name in ("fourier_modes", "sparse_values", "beta", "dense_kernels", "dilated_taps", "norm", "alpha"):
+        for name in (*KERNEL_PARAM_NAMES, "norm"):
             if hasattr(self, name):
                 delattr(self, name)
         if hasattr(self, "sparse_index"):

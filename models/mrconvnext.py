@@ -19,14 +19,12 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models.convnext import ConvNeXt
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-from .mrconv import MRConv
+from .mrconv import KERNEL_PARAM_NAMES, MRConv
 
-__all__ = ["MRConvNeXt", "MRConv2d", "STAGE_L0", "default_l0", "check_state_dict"]
+__all__ = ["MRConvNeXt", "MRConv2d", "STAGE_L0", "KERNEL_PARAM_NAMES", "default_l0", "check_state_dict"]
 
 # The paper's initial kernel lengths at 224x224 (stage sequence lengths 3136, 784, 196, 49).
 STAGE_L0 = (196, 49, 28, 28)
-# Names of the MRConv parameters that are kernels or branch weights (no weight decay; optional own lr).
-KERNEL_PARAM_NAMES = ("fourier_modes", "sparse_values", "beta", "dense_kernels", "dilated_taps", "alpha")
 
 
 def default_l0(seq_lens: Sequence[int], max_resolutions: int = 5, min_l0: int = 28) -> tuple[int, ...]:

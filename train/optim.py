@@ -6,16 +6,17 @@ from typing import Optional
 import torch
 from timm.scheduler import CosineLRScheduler
 
-from models.mrconv import MRConv
+from models.mrconv import KERNEL_PARAM_NAMES, MRConv
 
 
 def kernel_param_names(model: torch.nn.Module) -> set[str]:
-    """Names of the parameters that belong to MRConv layers (kernels, ``alpha``, ``beta``)."""
+    """Names of the MRConv kernel parameters and branch weights (``alpha``, ``beta``); not their BatchNorms."""
     names = set()
     for module_name, module in model.named_modules():
         if isinstance(module, MRConv):
             prefix = f"{module_name}." if module_name else ""
-            names.update(f"{prefix}{n}" for n, _ in module.named_parameters())
+            names.update(f"{prefix}{n}" for n, _ in module.named_parameters()
+                         if n.split(".")[0] in KERNEL_PARAM_NAMES)
     return names
 
 
