@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -230,3 +231,21 @@ class MRConv(nn.Module):
         form = "fused" if self.inference_mode else f"{self.kernel_type}, branches={self.lengths}"
         return (f"dim={self.dim}, seq_len={self.seq_len}, l0={self.l0}, {form}, "
                 f"{'bidirectional' if self.bidirectional else 'causal'}")
+
+
+@torch.no_grad()
+def alpha_energy(model: nn.Module) -> dict[str, tuple[np.ndarray, list[int]]]:
+    """``||alpha_i||^2`` of every training-form MRConv layer, grouped by stage (the name before ``.blocks.``), as in
+    the paper's Figure 3b: stage -> (blocks x resolutions matrix, NaN where a block has fewer branches; the branch
+    lengths of the stage's longest layer). Fused layers have no ``alpha`` and are left out."""
+    groups: dict[str, list[MRConv]] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, MRConv) and not module.inference_mode:
+            groups.setdefault(name.split(".blocks.")[0] or "all", []).append(module)
+    out = {}
+    for stage, layers in groups.items():
+        energy = np.full((len(layers), max(m.num_branches for m in layers)), np.nan)
+        for b, m in enumerate(layers):
+            energy[b, :m.num_branches] = m.alpha.detach().float().pow(2).sum(dim=1).cpu().numpy()
+        out[stage] = (energy, list(max(layers, key=lambda m: m.num_branches).lengths))
+    return out

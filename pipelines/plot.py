@@ -260,25 +260,11 @@ def mrconv_layers(model) -> dict[str, object]:
 
 
 def alpha_norms(model) -> tuple[list[np.ndarray], list[list[int]]]:
-    """Per stage (layers grouped by the name before ``.blocks.``): (blocks, resolutions) ||alpha_i||^2 and the
-    branch lengths."""
-    import torch
+    """Per stage: (blocks, resolutions) ||alpha_i||^2 and the branch lengths (``models.mrconv.alpha_energy``)."""
+    from models.mrconv import alpha_energy
 
-    groups: dict[str, list] = {}
-    for name, layer in mrconv_layers(model).items():
-        if getattr(layer, "inference_mode", False):
-            continue
-        groups.setdefault(name.split(".blocks.")[0], []).append(layer)
-    stages, lengths = [], []
-    with torch.no_grad():
-        for layers in groups.values():
-            width = max(layer.num_branches for layer in layers)
-            norms = np.full((len(layers), width), np.nan)
-            for b, layer in enumerate(layers):
-                norms[b, :layer.num_branches] = layer.alpha.pow(2).sum(dim=1).cpu().numpy()
-            stages.append(norms)
-            lengths.append(list(max(layers, key=lambda m: m.num_branches).lengths))
-    return stages, lengths
+    stages = list(alpha_energy(model).values())
+    return [energy for energy, _ in stages], [lengths for _, lengths in stages]
 
 
 def _load(args: argparse.Namespace, inference_mode: bool):

@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
-from collections import defaultdict
 from typing import Optional
 
 import deepspeed
@@ -14,6 +12,7 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from models.mrconv import MRConv
+from models.mrconv import alpha_energy as stage_alpha_energy
 
 TENSORBOARD_SUBDIR = "tensorboard"  # RUN_DIR/tensorboard, as slurm.submit and the README say
 
@@ -27,23 +26,14 @@ def setup_logging(rank: int) -> logging.Logger:
 
 
 def alpha_energy(model: torch.nn.Module) -> dict[str, np.ndarray]:
-    """``||alpha_i||^2`` per block x resolution for every stage (the paper's Figure 3b), keyed by stage name.
+    """``||alpha_i||^2`` per block x resolution for every stage (``models.mrconv.alpha_energy``), keyed ``stage0``...
 
     Collective under ZeRO-3 (the ``alpha`` parameters are gathered): call it on every rank. Returns {} when the
     model has no MRConv layer."""
-    stages: dict[str, list[np.ndarray]] = defaultdict(list)
-    for name, module in model.named_modules():
-        if not isinstance(module, MRConv):
-            continue
-        with deepspeed.zero.GatheredParameters([module.alpha], modifier_rank=None):
-            energy = module.alpha.detach().float().pow(2).sum(dim=1).cpu().numpy()
-        match = re.search(r"stages\.(\d+)", name)
-        stages[f"stage{match.group(1)}" if match else "all"].append(energy)
-    out = {}
-    for stage, rows in stages.items():
-        width = max(len(r) for r in rows)
-        out[stage] = np.stack([np.pad(r, (0, width - len(r)), constant_values=np.nan) for r in rows])
-    return out
+    alphas = [m.alpha for m in model.modules() if isinstance(m, MRConv) and not m.inference_mode]
+    with deepspeed.zero.GatheredParameters(alphas, modifier_rank=None):
+        stages = stage_alpha_energy(model)
+    return {stage.replace("stages.", "stage"): energy for stage, (energy, _) in stages.items()}
 
 
 def energy_image(energy: np.ndarray, cell: int = 12) -> np.ndarray:
