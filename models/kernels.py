@@ -78,22 +78,30 @@ def kernel_spectrum(fwd: torch.Tensor, bwd: torch.Tensor | None, n: int) -> torc
     return torch.fft.rfft(torch.cat(parts, dim=-1), n=n)
 
 
-def fft_conv(u: torch.Tensor, spectrum: torch.Tensor, n: int) -> torch.Tensor:
-    """Linear convolution of ``u`` (B, D, L) with K kernels given by their spectrum (K, D, n//2+1) -> (B, K, D, L)."""
-    length = u.shape[-1]
-    u_f = torch.fft.rfft(u, n=n)
-    return torch.fft.irfft(u_f.unsqueeze(1) * spectrum, n=n)[..., :length]
-
-
 def toeplitz(fwd: torch.Tensor, bwd: torch.Tensor | None, seq_len: int) -> torch.Tensor:
-    """Per-channel Toeplitz matrices ``T[..., t, s] = k(t - s)`` (..., L, L) of a (forward, backward) kernel pair."""
+    """Per-channel Toeplitz matrices ``T[..., t, s] = k(t - s)`` (..., L, L) of a (forward, backward) kernel pair.
+
+    Built from a sliding-window view of the lag vector, so its backward (when the matrices are trained) is a sum over
+    windows, not the scatter-add of a gathered index."""
     length = seq_len
     lead = fwd.shape[:-1]
     past = F.pad(fwd, (0, length - fwd.shape[-1]))  # lags 0..L-1
     future = fwd.new_zeros(*lead, length - 1) if bwd is None else F.pad(bwd, (0, length - 1 - bwd.shape[-1]))
     lags = torch.cat([future.flip(-1), past], dim=-1)  # index L-1+lag holds k(lag), lag in [-(L-1), L-1]
-    idx = torch.arange(length, device=fwd.device)
-    return lags[..., idx[:, None] - idx[None, :] + length - 1]
+    # window t holds lags[t : t + L]; column L-1-s of it is lags[L-1 + t - s] = k(t - s)
+    return lags.unfold(-1, length, 1).flip(-1)
+
+
+def diagonal_sums(matrices: torch.Tensor) -> torch.Tensor:
+    """``out[..., L-1 + t - s] = sum Q[..., t, s]``: the sums along the diagonals of (..., L, L) -> (..., 2L-1).
+
+    The adjoint of ``toeplitz``'s lag layout. Computed by skewing the rows (pad, flatten, re-view) so every diagonal
+    becomes a column; no index scatter."""
+    length = matrices.shape[-1]
+    lead = matrices.shape[:-2]
+    flipped = F.pad(matrices.flip(-1), (0, length))  # row t, column L-1-s, then L zeros
+    skewed = flipped.reshape(*lead, 2 * length * length)[..., : length * (2 * length - 1)]
+    return skewed.reshape(*lead, length, 2 * length - 1).sum(dim=-2)
 
 
 def toeplitz_conv(u: torch.Tensor, matrices: torch.Tensor) -> torch.Tensor:
@@ -102,17 +110,57 @@ def toeplitz_conv(u: torch.Tensor, matrices: torch.Tensor) -> torch.Tensor:
     return out.permute(3, 0, 1, 2)
 
 
-def dilated_conv(u: torch.Tensor, taps: torch.Tensor, dilation: int) -> torch.Tensor:
-    """Direct depthwise dilated convolution. ``taps`` (dirs, D, l0): forward taps at lags ``j * d``, backward taps at
-    lags ``-(j + 1) * d``; returns (B, D, L)."""
-    l0 = taps.shape[-1]
-    # conv1d is a cross-correlation: weight index m reads u[t + m*d - pad], i.e. lag (l0 - 1 - m) * d.
-    weight = taps[0].flip(-1)
-    pad = (l0 - 1) * dilation, 0
-    if taps.shape[0] == 2:
-        weight = torch.cat([weight, taps[1]], dim=-1)
-        pad = (l0 - 1) * dilation, l0 * dilation
-    return F.conv1d(F.pad(u, pad), weight.unsqueeze(1), dilation=dilation, groups=u.shape[1])
+class LongConv:
+    """K depthwise linear convolutions of a length-L input and the two adjoints a hand-written backward needs.
+
+    ``fwd`` (K, D, lf) and ``bwd`` (K, D, lb) or None are kernels already truncated to L (``truncate``). The
+    operator is a spectrum (FFT size ``n``) or, for short inputs, per-channel Toeplitz matrices. Inputs go through
+    ``prepare`` once (their spectrum, or themselves), so a backward that needs the input twice transforms it once.
+    """
+
+    def __init__(self, fwd: torch.Tensor, bwd: torch.Tensor | None, length: int, use_toeplitz: bool) -> None:
+        self.length, self.len_fwd = length, fwd.shape[-1]
+        self.has_bwd, self.len_bwd = bwd is not None, 0 if bwd is None else bwd.shape[-1]
+        self.use_toeplitz = use_toeplitz
+        if use_toeplitz:
+            self.n, self.operator = 0, toeplitz(fwd, bwd, length)
+        else:
+            self.n = fft_size(length, self.len_fwd, self.len_bwd)
+            self.operator = kernel_spectrum(fwd, bwd, self.n)
+
+    def prepare(self, u: torch.Tensor) -> torch.Tensor:
+        """(B, D, L) -> what ``conv`` and ``kernel_grad`` take: the input's spectrum (FFT) or the input itself."""
+        return u if self.use_toeplitz else torch.fft.rfft(u, n=self.n)
+
+    def conv(self, x: torch.Tensor) -> torch.Tensor:
+        """``k_i * u`` for every kernel: prepared input -> (B, K, D, L)."""
+        if self.use_toeplitz:
+            return toeplitz_conv(x, self.operator)
+        return torch.fft.irfft(x.unsqueeze(1) * self.operator, n=self.n)[..., : self.length]
+
+    def adjoint(self, dc: torch.Tensor) -> torch.Tensor:
+        """``sum_i k_i^T dc_i``: (B, K, D, L) -> (B, D, L), the gradient of ``conv`` with respect to its input."""
+        if self.use_toeplitz:
+            b, k, d, length = dc.shape
+            mats = self.operator.permute(1, 3, 0, 2).reshape(d, length, k * length)  # [d, s, (i, t)] = T_i[d, t, s]
+            return torch.matmul(mats, dc.permute(2, 1, 3, 0).reshape(d, k * length, b)).permute(2, 0, 1)
+        dc_f = torch.fft.rfft(dc, n=self.n)
+        return torch.fft.irfft((dc_f * self.operator.conj()).sum(dim=1), n=self.n)[..., : self.length]
+
+    def kernel_grad(self, dc: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``g_i[lag] = sum_{b,t} dc_i[b, t] u[b, t - lag]``, the gradient of ``conv`` with respect to the kernels:
+        (B, K, D, L) and the prepared input -> forward taps (K, D, lf), backward taps (K, D, lb) or None."""
+        length = self.length
+        if self.use_toeplitz:
+            outer = torch.matmul(dc.permute(1, 2, 3, 0), x.permute(1, 0, 2))  # (K, D, t, s), summed over batch
+            lags = diagonal_sums(outer)  # index L-1+lag
+            fwd = lags[..., length - 1: length - 1 + self.len_fwd]
+            bwd = lags[..., length - 1 - self.len_bwd: length - 1].flip(-1)
+        else:
+            corr = torch.fft.irfft((torch.fft.rfft(dc, n=self.n) * x.conj().unsqueeze(1)).sum(dim=0), n=self.n)
+            fwd = corr[..., : self.len_fwd]  # lag j at index j, lag -(j+1) at index n-1-j
+            bwd = corr[..., self.n - self.len_bwd:].flip(-1)
+        return fwd, (bwd if self.has_bwd else None)
 
 
 def dilated_dense(taps: torch.Tensor, dilation: int, length: int) -> torch.Tensor:

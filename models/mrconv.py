@@ -1,7 +1,8 @@
 """MRConv: reparameterized multi-resolution long convolution (Cunningham et al., NeurIPS 2024).
 
-Training form: ``y = sum_i alpha_i * BN_i(k_i * u)`` over ``N`` branches whose kernels grow as ``l0 * 2**i``.
-Inference form (``reparameterize()`` or ``inference_mode=True``): one depthwise long kernel per channel and
+Training form: ``y = sum_i alpha_i * BN_i(k_i * u)`` over ``N`` branches whose kernels grow as ``l0 * 2**i``,
+computed by ``branch_norm`` with exact batch statistics but without keeping the branch outputs for backward; in eval
+mode it applies its folded kernel. Inference form (``reparameterize()`` or ``inference_mode=True``): one depthwise long kernel per channel and
 direction plus a bias, applied with a cached kernel spectrum (FFT) or a cached Toeplitz matrix for short inputs.
 """
 from __future__ import annotations
@@ -13,11 +14,17 @@ import torch
 import torch.nn as nn
 
 from . import kernels as K
+from .branch_norm import BranchBatchNorm
 
 # Inputs up to this length use a per-channel Toeplitz matmul instead of FFTs, by device type. Measured side by
 # side (fused layer, batch 16, README "Measured figures"): on CPU the matmul wins up to L = 100 and loses from 144;
 # on an H200 it still wins at 196 (0.10 vs 0.25 ms) and loses at 784.
 TOEPLITZ_MAX_LEN = {"cpu": 128, "cuda": 256}
+# The same choice for the training form (forward + backward in train mode). On CPU the FFT won or tied at every
+# ConvNeXt stage shape at batch 16 (fft vs toeplitz, side by side: L=256 0.23x, 196 0.23x, 144 0.27x, 100 0.62x,
+# 49 0.87x, 16 0.75x, 4 0.99x of the Toeplitz time; only L=64 went the other way, 1.15x), so CPU trains with FFTs.
+# CUDA keeps the inference threshold until a GPU measurement says otherwise.
+TOEPLITZ_MAX_LEN_TRAIN = {"cpu": 0, "cuda": 256}
 # The layer's kernel parameters and branch weights (no weight decay; the optional kernel learning rate). The
 # per-branch BatchNorm is not among them: it is an ordinary norm layer.
 KERNEL_PARAM_NAMES = ("fourier_modes", "sparse_values", "beta", "dense_kernels", "dilated_taps", "alpha")
@@ -79,7 +86,7 @@ class MRConv(nn.Module):
         self.n_sparse = min(n_sparse, self.lengths[0])
         self.seed = seed
         self.inference_mode = inference_mode
-        self._cache: tuple[tuple, torch.Tensor] | None = None
+        self._cache: tuple[tuple, K.LongConv] | None = None
         if inference_mode:
             self._init_fused()
         else:
@@ -108,7 +115,7 @@ class MRConv(nn.Module):
                 [nn.Parameter(torch.randn(dirs, d, length) / math.sqrt(length)) for length in self.lengths])
         if kt == "dilated":
             self.dilated_taps = nn.Parameter(torch.randn(dirs, n, d, self.l0) / math.sqrt(self.l0))
-        self.norm = nn.BatchNorm1d(n * d)  # BN_i of every branch as one BN over (branch, channel)
+        self.norm = BranchBatchNorm(n, d)  # BN_i of every branch as one BN over (branch, channel)
         self.alpha = nn.Parameter(torch.full((n, d), 1.0 / math.sqrt(n)))
 
     def _init_fused(self) -> None:
@@ -146,10 +153,7 @@ class MRConv(nn.Module):
         """
         if self.inference_mode:
             return self.weight, self.bias
-        n, d = self.num_branches, self.dim
-        bn = self.norm
-        return K.fold_branches(self.branch_kernels(), self.alpha, bn.weight.view(n, d), bn.bias.view(n, d),
-                               bn.running_mean.view(n, d), bn.running_var.view(n, d), bn.eps)
+        return self.norm.fold(self.branch_kernels(), self.alpha)
 
     @torch.no_grad()
     def kernel_envelope(self) -> torch.Tensor:
@@ -173,58 +177,42 @@ class MRConv(nn.Module):
         self._cache = None
 
     # ------------------------------------------------------------------------------------------------- forward
-    def _use_toeplitz(self, length: int, device: torch.device) -> bool:
-        limit = TOEPLITZ_MAX_LEN.get(device.type, TOEPLITZ_MAX_LEN["cpu"])
+    def _use_toeplitz(self, length: int, device: torch.device, training: bool = False) -> bool:
+        table = TOEPLITZ_MAX_LEN_TRAIN if training else TOEPLITZ_MAX_LEN
+        limit = table.get(device.type, table["cpu"])
         return self.conv_impl == "toeplitz" or (self.conv_impl == "auto" and length <= limit)
 
-    def _operator(self, kernels: torch.Tensor, length: int) -> tuple[str, torch.Tensor, int]:
-        """Kernels (dirs, K, D, l) -> how to apply them to a length-``length`` input: Toeplitz matrices or a
-        spectrum with its FFT size."""
-        fwd, bwd = K.truncate(kernels, length)
-        if self._use_toeplitz(length, kernels.device):
-            return "toeplitz", K.toeplitz(fwd, bwd, length), 0
-        n = K.fft_size(length, fwd.shape[-1], 0 if bwd is None else bwd.shape[-1])
-        return "fft", K.kernel_spectrum(fwd, bwd, n), n
+    def _long_conv(self, kernels: torch.Tensor, length: int) -> K.LongConv:
+        """Kernels (dirs, K, D, l) as an operator on length-``length`` inputs (Toeplitz or FFT by length)."""
+        return K.LongConv(*K.truncate(kernels, length), length, self._use_toeplitz(length, kernels.device))
 
-    @staticmethod
-    def _run(u: torch.Tensor, op: tuple[str, torch.Tensor, int]) -> torch.Tensor:
-        kind, tensor, n = op
-        return K.toeplitz_conv(u, tensor) if kind == "toeplitz" else K.fft_conv(u, tensor, n)
-
-    def _fused_operator(self, length: int) -> tuple[str, torch.Tensor, int]:
+    def _fused_operator(self, length: int) -> K.LongConv:
         weight = self.weight.unsqueeze(1)
         if torch.is_grad_enabled() and self.weight.requires_grad:
-            return self._operator(weight, length)  # being trained: no cache, gradients flow
+            return self._long_conv(weight, length)  # being trained: no cache, gradients flow
         key = (length, self.conv_impl, self.weight.device, self.weight.dtype, self.weight.data_ptr(),
                self.weight._version)
         if self._cache is None or self._cache[0] != key:
             with torch.no_grad():
-                self._cache = (key, self._operator(weight, length))
+                self._cache = (key, self._long_conv(weight, length))
         return self._cache[1]
-
-    def _branch_outputs(self, u: torch.Tensor) -> torch.Tensor:
-        """``k_i * u`` for every branch: (B, N, D, L)."""
-        if self.kernel_type == "dilated":  # direct dilated convolutions, one per resolution
-            return torch.stack([K.dilated_conv(u, self.dilated_taps[:, i], 2**i)
-                                for i in range(self.num_branches)], dim=1)
-        return self._run(u, self._operator(self.branch_kernels(), int(u.shape[-1])))
 
     def forward(self, u: torch.Tensor) -> torch.Tensor:
         if u.ndim != 3 or u.shape[1] != self.dim:
             raise ValueError(f"MRConv expects input of shape (batch, dim={self.dim}, length), "
                              f"got {tuple(u.shape)}")
         dtype = u.dtype
-        # FFTs and the BN statistics run in fp32 even under bf16/fp16 autocast (cuFFT has no bf16 path).
+        # FFTs and the BN statistics run in fp32 even under bf16/fp16 autocast (cuFFT has no bf16 path); the
+        # training form keeps the input in its own dtype for backward and converts it itself.
         with torch.autocast(device_type=u.device.type, enabled=False):
-            if u.dtype in (torch.float16, torch.bfloat16):
-                u = u.float()
+            length = int(u.shape[-1])
             if self.inference_mode:
-                y = self._run(u, self._fused_operator(int(u.shape[-1])))[:, 0] + self.bias[:, None]
+                op = self._fused_operator(length)
+                x = u.to(torch.promote_types(self.weight.dtype, torch.float32))
+                y = op.conv(op.prepare(x))[:, 0] + self.bias[:, None]
             else:
-                b, d, length = u.shape
-                c = self._branch_outputs(u).reshape(b, self.num_branches * d, length)
-                c = self.norm(c).view(b, self.num_branches, d, length)
-                y = torch.einsum("bndl,nd->bdl", c, self.alpha)
+                use_toeplitz = self._use_toeplitz(length, u.device, training=self.training)
+                y = self.norm(u, self.branch_kernels(), self.alpha, use_toeplitz)
         return y.to(dtype)
 
     def extra_repr(self) -> str:

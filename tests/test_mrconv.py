@@ -9,6 +9,9 @@ import torch
 
 from models import MRConv
 from models import kernels as K
+from models.branch_norm import BranchConvBatchNorm
+
+from .mrconv_reference import dilated_conv, reference_forward
 
 KERNEL_TYPES = K.KERNEL_TYPES
 torch.set_num_threads(1)
@@ -129,19 +132,57 @@ def test_resolutions_follow_the_paper_stage_layout():
 @pytest.mark.parametrize("impl", ["fft", "toeplitz"])
 @pytest.mark.parametrize("length", [1, 2, 7, 13, 31])
 @pytest.mark.parametrize("bidirectional", [True, False])
-def test_long_conv_equals_naive_convolution(impl, length, bidirectional):
+def test_long_conv_and_its_adjoints_equal_naive_convolution(impl, length, bidirectional):
+    """``conv`` against the naive loop; ``adjoint`` and ``kernel_grad`` against autograd of that loop."""
     torch.manual_seed(length)
-    u = torch.randn(2, 3, length, dtype=torch.float64)
+    u = torch.randn(2, 3, length, dtype=torch.float64, requires_grad=True)
     for klen in (1, 4, length, 2 * length + 3):  # shorter and longer than the input
-        kernels = torch.randn(2 if bidirectional else 1, 1, 3, klen, dtype=torch.float64)
+        kernels = torch.randn(2 if bidirectional else 1, 2, 3, klen, dtype=torch.float64, requires_grad=True)
         fwd, bwd = K.truncate(kernels, length)
-        if impl == "fft":
-            n = K.fft_size(length, fwd.shape[-1], 0 if bwd is None else bwd.shape[-1])
-            y = K.fft_conv(u, K.kernel_spectrum(fwd, bwd, n), n)[:, 0]
+        op = K.LongConv(fwd.detach(), None if bwd is None else bwd.detach(), length, impl == "toeplitz")
+        prepared = op.prepare(u.detach())
+        y = op.conv(prepared)
+        ref = torch.stack([naive_conv(u, kernels[0, i], kernels[1, i] if bidirectional else None) for i in range(2)], 1)
+        torch.testing.assert_close(y, ref.detach(), rtol=1e-10, atol=1e-10)
+
+        grad = torch.randn_like(ref)
+        ref_du, ref_dk = torch.autograd.grad(ref, (u, kernels), grad)
+        torch.testing.assert_close(op.adjoint(grad), ref_du, rtol=1e-10, atol=1e-10)
+        dk_fwd, dk_bwd = op.kernel_grad(grad, prepared)
+        torch.testing.assert_close(dk_fwd, ref_dk[0, ..., : fwd.shape[-1]], rtol=1e-10, atol=1e-10)
+        if bidirectional:
+            torch.testing.assert_close(dk_bwd, ref_dk[1, ..., : bwd.shape[-1]], rtol=1e-10, atol=1e-10)
         else:
-            y = K.toeplitz_conv(u, K.toeplitz(fwd, bwd, length))[:, 0]
-        ref = naive_conv(u, kernels[0, 0], kernels[1, 0] if bidirectional else None)
-        torch.testing.assert_close(y, ref, rtol=1e-10, atol=1e-10)
+            assert dk_bwd is None
+
+
+def test_diagonal_sums_equal_a_loop():
+    torch.manual_seed(0)
+    q = torch.randn(2, 5, 5, dtype=torch.float64)
+    expected = torch.zeros(2, 9, dtype=torch.float64)
+    for t in range(5):
+        for s in range(5):
+            expected[:, 4 + t - s] += q[:, t, s]
+    torch.testing.assert_close(K.diagonal_sums(q), expected)
+
+
+def test_toeplitz_matrices_are_built_without_an_index_scatter():
+    """The old gather-built matrices had an IndexBackward (a scatter-add on GPUs); the sliding-window view has not."""
+    kernels = torch.randn(2, 1, 3, 6, requires_grad=True)
+    mats = K.toeplitz(*K.truncate(kernels, 9), 9)
+    assert "Index" not in " ".join(autograd_node_names(mats))
+
+
+def autograd_node_names(t: torch.Tensor) -> list[str]:
+    seen, stack, names = set(), [t.grad_fn], []
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.append(type(node).__name__)
+        stack.extend(n for n, _ in node.next_functions)
+    return names
 
 
 @pytest.mark.parametrize("bidirectional", [True, False])
@@ -152,7 +193,7 @@ def test_dilated_direct_conv_equals_its_dense_expansion(bidirectional):
     for dilation in (1, 2, 4, 16):
         dense = K.dilated_dense(taps, dilation, 5 * dilation)
         ref = naive_conv(u, dense[0], dense[1] if bidirectional else None)
-        torch.testing.assert_close(K.dilated_conv(u, taps, dilation), ref, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(dilated_conv(u, taps, dilation), ref, rtol=1e-10, atol=1e-10)
 
 
 def test_fourier_kernel_equals_explicit_inverse_dft():
@@ -205,7 +246,7 @@ def test_causal_layer_never_sees_the_future(kernel_type, impl):
             delta = m(u + impulse) - m(u)
         assert delta[..., -1].abs().max() > 1.0  # the impulse does reach its own position
         earlier = delta[..., :-1].abs().max().item()
-        if impl == "toeplitz" or kernel_type == "dilated" and m is layer:
+        if impl == "toeplitz":
             assert earlier == 0.0
         else:  # FFT rounding only (float64): a wrap-around would be O(1e3)
             assert earlier < 1e-9
@@ -299,3 +340,150 @@ def test_wrong_input_shape_raises_value_error(shape):
     layer = MRConv(4, 40, 5)
     with pytest.raises(ValueError, match=r"expects input of shape \(batch, dim=4, length\)"):
         layer(torch.randn(*shape))
+
+
+# ------------------------------------------------------------------------------------- the training form (issue 11)
+def moved_layer(kernel_type: str, bidirectional: bool, impl: str, dtype=torch.float64, dim=4, seed=0) -> MRConv:
+    """A layer in train mode whose BatchNorm affine, running statistics and ``alpha`` are far from their init."""
+    torch.manual_seed(seed)
+    layer = MRConv(dim, 40, 5, kernel_type=kernel_type, bidirectional=bidirectional, conv_impl=impl, seed=seed)
+    layer = layer.to(dtype)
+    with torch.no_grad():
+        layer.norm.running_mean.normal_()
+        layer.norm.running_var.uniform_(0.5, 2.0)
+        layer.norm.num_batches_tracked.fill_(7)
+        layer.norm.weight.normal_()
+        layer.norm.bias.normal_()
+        layer.alpha.normal_()
+    return layer
+
+
+def compare_with_reference(layer: MRConv, u: torch.Tensor, impl: str, rtol: float) -> None:
+    """Output, input gradient, every parameter gradient and the running statistics of one training step."""
+    layer.zero_grad(set_to_none=True)
+    ref = copy.deepcopy(layer)
+    u1, u2 = u.clone().requires_grad_(), u.clone().requires_grad_()
+    y, y_ref = layer(u1), reference_forward(ref, u2, impl)
+    grad = torch.randn_like(y_ref)
+    (y * grad).sum().backward()
+    (y_ref * grad).sum().backward()
+
+    def close(a, b, what):
+        assert (a - b).abs().max() <= rtol * b.abs().max(), what
+
+    close(y, y_ref, "output")
+    close(u1.grad, u2.grad, "input gradient")
+    for (name, p), p_ref in zip(layer.named_parameters(), ref.parameters()):
+        close(p.grad, p_ref.grad, name)
+    for name in ("running_mean", "running_var"):
+        close(getattr(layer.norm, name), getattr(ref.norm, name), name)
+    assert layer.norm.num_batches_tracked == ref.norm.num_batches_tracked
+
+
+@pytest.mark.parametrize("impl", ["fft", "toeplitz"])
+@pytest.mark.parametrize("bidirectional", [True, False])
+@pytest.mark.parametrize("kernel_type", KERNEL_TYPES)
+def test_training_form_equals_reference_in_float64(kernel_type, bidirectional, impl):
+    layer = moved_layer(kernel_type, bidirectional, impl)
+    # the layout length, a prime, shorter than l0, one position, and batch size 1
+    for length, batch in ((40, 3), (23, 2), (3, 4), (1, 5), (57, 1)):
+        u = 2 * torch.randn(batch, layer.dim, length, dtype=torch.float64) + 0.5
+        compare_with_reference(layer, u, impl, rtol=1e-9)
+
+
+@pytest.mark.parametrize("impl", ["fft", "toeplitz"])
+@pytest.mark.parametrize("kernel_type", ["fourier_sparse", "dilated"])
+def test_training_form_equals_reference_in_float32(kernel_type, impl):
+    layer = moved_layer(kernel_type, True, impl, dtype=torch.float32)
+    compare_with_reference(layer, 2 * torch.randn(3, layer.dim, 40) + 0.5, impl, rtol=1e-4)
+
+
+@pytest.mark.parametrize("impl", ["fft", "toeplitz"])
+def test_channel_slices_give_the_same_result(impl):
+    layer = moved_layer("fourier_sparse", True, impl, dim=7)
+    sliced = copy.deepcopy(layer)
+    sliced.norm.chunk_bytes = 1  # one channel per slice
+    u = torch.randn(3, 7, 31, dtype=torch.float64, requires_grad=True)
+    (layer(u) ** 2).sum().backward()
+    grad_u = u.grad.clone()
+    u.grad = None
+    (sliced(u) ** 2).sum().backward()
+    torch.testing.assert_close(u.grad, grad_u, rtol=1e-12, atol=1e-12)
+    for p, q in zip(layer.parameters(), sliced.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-12, atol=1e-12)
+
+
+def test_momentum_none_keeps_the_cumulative_average():
+    layer = moved_layer("fourier", True, "fft")
+    layer.norm.momentum = None
+    compare_with_reference(layer, torch.randn(2, 4, 40, dtype=torch.float64), "fft", rtol=1e-9)
+
+
+def saved_bytes(fn) -> int:
+    """Bytes of every tensor autograd keeps for backward while ``fn`` runs (parameters included)."""
+    total = 0
+
+    def pack(t):
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return total
+
+
+@pytest.mark.parametrize("impl", ["fft", "toeplitz"])
+@pytest.mark.parametrize("kernel_type", ["fourier_sparse", "dilated", "dense"])
+def test_training_form_saves_nothing_of_branch_size(kernel_type, impl):
+    """A (B, N, D, L) tensor is N times the input: the new path keeps the input plus kernel-sized tensors only."""
+    batch, dim, length = 64, 4, 40
+    layer = MRConv(dim, length, 5, kernel_type=kernel_type, conv_impl=impl)
+    assert layer.num_branches == 4
+    u = torch.randn(batch, dim, length, requires_grad=True)
+    input_bytes = u.numel() * u.element_size()
+    kernel_bytes = 4 * layer.dirs * layer.num_branches * dim * layer.kernel_len
+    new = saved_bytes(lambda: layer(u))
+    assert new <= input_bytes + 8 * kernel_bytes < layer.num_branches * input_bytes
+    reference = saved_bytes(lambda: reference_forward(copy.deepcopy(layer), u, impl))
+    assert reference > layer.num_branches * input_bytes  # the test can tell the difference
+
+
+def test_training_form_backward_has_no_index_scatter():
+    layer = MRConv(4, 40, 5, conv_impl="toeplitz")
+    names = autograd_node_names(layer(torch.randn(2, 4, 40, requires_grad=True)))
+    assert "BranchConvBatchNormBackward" in names and not any("Index" in n for n in names)
+
+
+def test_bf16_autocast_training_form_follows_fp32():
+    layer = MRConv(4, 40, 5)
+    fp32 = copy.deepcopy(layer)
+    x = (torch.randn(3, 4, 40) + 0.5).bfloat16().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    y.float().square().sum().backward()
+    x32 = x.detach().float().requires_grad_()
+    y32 = fp32(x32)
+    y32.square().sum().backward()
+    assert y.dtype == torch.bfloat16 and x.grad.dtype == torch.bfloat16
+    assert (y.float() - y32).abs().max() <= 1e-2 * y32.abs().max()  # bf16 rounding of the output only
+    torch.testing.assert_close(layer.alpha.grad, fp32.alpha.grad, rtol=2e-2, atol=2e-2)
+
+
+def test_single_value_per_channel_is_refused_in_training():
+    layer = MRConv(4, 40, 5)
+    with pytest.raises(ValueError, match="more than one value per channel"):
+        layer(torch.randn(1, 4, 1))
+    layer.eval()
+    assert layer(torch.randn(1, 4, 1)).shape == (1, 4, 1)
+
+
+def test_function_gradcheck():
+    """torch.autograd.gradcheck on the Function itself (finite differences, float64)."""
+    torch.manual_seed(0)
+    u = torch.randn(2, 3, 9, dtype=torch.float64, requires_grad=True)
+    kernels = torch.randn(2, 2, 3, 6, dtype=torch.float64, requires_grad=True)
+    alpha, gamma, beta = (torch.randn(2, 3, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    for use_toeplitz in (False, True):
+        assert torch.autograd.gradcheck(
+            lambda *a: BranchConvBatchNorm.apply(*a, 1e-5, use_toeplitz, 2**20)[0], (u, kernels, alpha, gamma, beta))

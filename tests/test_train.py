@@ -248,3 +248,17 @@ def test_export_loads_in_timm(zero0_run, shards, tmp_path):
     with torch.no_grad():
         y, y_ref = model(x), reference.eval()(x)
     assert (y - y_ref).abs().max() <= 1e-4 * y_ref.abs().max()
+
+
+@pytest.mark.slow
+def test_mrconvnext_training_form_under_zero3(shards, tmp_path):
+    """The training form reads its per-branch BatchNorm inside a submodule call, so ZeRO-3 gathers those
+    parameters: MRConvNeXt trains under ZeRO-3 and its running statistics move."""
+    run_dir = tmp_path / "run"
+    ok(launch(run_dir, shards, "deepspeed.zero_stage=3", "deepspeed.precision=fp32", "ema.enabled=false",
+              "schedule.epochs=1", launcher="deepspeed"))
+    losses = scalars(run_dir, "train/loss")
+    assert len(losses) == 4 and np.isfinite(losses).all()
+    weights = final_weights(run_dir)
+    var = [v for k, v in weights.items() if k.endswith("conv_dw.norm.running_var")]
+    assert var and all(not torch.allclose(v, torch.ones_like(v)) for v in var)

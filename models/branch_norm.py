@@ -1,0 +1,160 @@
+"""MRConv's training form, ``y = sum_i alpha_i * BN_i(k_i * u)``, without keeping the branch outputs.
+
+With its batch statistics known, ``BN_i`` is a per-channel affine map, so the branch outputs ``c_i = k_i * u`` matter
+only through per-branch reductions (MRCONV.md section 6):
+
+* forward: ``mean_i`` and ``var_i`` over batch and the ``L`` output positions; then
+  ``y = sum_i a_i * (c_i - mean_i) + sum_i alpha_i * beta_i`` with ``a_i = alpha_i * gamma_i / sqrt(var_i + eps)``;
+* backward (``G0 = sum g``, ``G1_i = sum g * c_hat_i`` over batch and positions, ``M = B * L``)::
+
+      d gamma_i = alpha_i * G1_i        d beta_i = alpha_i * G0        d alpha_i = gamma_i * G1_i + beta_i * G0
+      d c_i     = a_i * (g - G0 / M - c_hat_i * G1_i / M)
+      d u       = sum_i k_i^T d c_i     d k_i[lag] = sum_{b,t} d c_i[b, t] u[b, t - lag]
+
+The branch outputs are produced a slice of channels at a time (the statistics are per channel, so a slice holds all
+it needs), reduced and dropped; backward recomputes them from the saved input. Nothing of shape ``(B, N, D, L)``
+outlives a slice. The statistics are the reference's (batch and output positions), so the result is the same model.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from torch.autograd.function import once_differentiable
+
+from . import kernels as K
+
+# Transient memory of one channel slice (branch outputs and their spectra); bounds the peak whatever the batch.
+CHUNK_BYTES = 512 * 2**20
+
+
+def channel_slices(dim: int, per_channel_bytes: int, budget: int) -> list[slice]:
+    """Consecutive channel slices of at most ``budget`` bytes each (at least one channel per slice)."""
+    step = max(1, min(dim, budget // max(per_channel_bytes, 1)))
+    return [slice(start, min(start + step, dim)) for start in range(0, dim, step)]
+
+
+def _slice_bytes(batch: int, branches: int, length: int, use_toeplitz: bool) -> int:
+    """Bytes of transient fp32 work per channel: branch outputs, their gradient and, for FFTs, the spectra."""
+    if use_toeplitz:
+        return 4 * branches * (3 * batch * length + length * length)
+    n = K.fft_size(length, length, length)
+    return 4 * branches * batch * (3 * n + length)
+
+
+class BranchConvBatchNorm(torch.autograd.Function):
+    """``(u, kernels, alpha, gamma, beta)`` -> ``(y, mean, var)``: the training form with batch statistics.
+
+    ``u`` (B, D, L) in any float dtype (saved as given, computed in the kernels' dtype); ``kernels`` (dirs, N, D, l)
+    dense, fp32 or fp64; ``alpha``, ``gamma``, ``beta`` (N, D) in the same dtype. ``mean`` and the biased ``var`` (N, D) are returned for the running
+    statistics and carry no gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, u, kernels, alpha, gamma, beta, eps: float, use_toeplitz: bool, chunk_bytes: int):
+        x = u.to(kernels.dtype)
+        batch, dim, length = x.shape
+        branches, count = kernels.shape[1], batch * length
+        fwd, bwd = K.truncate(kernels, length)
+        y = x.new_empty(batch, dim, length)
+        mean, var = x.new_empty(branches, dim), x.new_empty(branches, dim)
+        shift = (alpha * beta).sum(dim=0)
+        for sl in channel_slices(dim, _slice_bytes(batch, branches, length, use_toeplitz), chunk_bytes):
+            op = K.LongConv(fwd[:, sl], None if bwd is None else bwd[:, sl], length, use_toeplitz)
+            c = op.conv(op.prepare(x[:, sl]))  # (B, N, d, L)
+            # two passes (mean, then the centred squares), summing positions first: torch.var_mean over (0, 3)
+            # is several times slower on CPU
+            mean[:, sl] = c.sum(dim=-1).sum(dim=0) / count
+            c = c - mean[None, :, sl, None]
+            var[:, sl] = c.square().sum(dim=-1).sum(dim=0) / count
+            scale = alpha[:, sl] * gamma[:, sl] * torch.rsqrt(var[:, sl] + eps)
+            y[:, sl] = torch.einsum("bndl,nd->bdl", c, scale) + shift[sl, None]
+        ctx.save_for_backward(u, kernels, alpha, gamma, beta, mean, var)
+        ctx.eps, ctx.use_toeplitz, ctx.chunk_bytes = eps, use_toeplitz, chunk_bytes
+        ctx.mark_non_differentiable(mean, var)
+        return y, mean, var
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_y, _grad_mean, _grad_var):
+        u, kernels, alpha, gamma, beta, mean, var = ctx.saved_tensors
+        x, g = u.to(kernels.dtype), grad_y.to(kernels.dtype)
+        batch, dim, length = x.shape
+        dirs, branches = kernels.shape[:2]
+        count = batch * length
+        fwd, bwd = K.truncate(kernels, length)
+        invstd = torch.rsqrt(var + ctx.eps)
+        grad_u = torch.empty_like(x) if ctx.needs_input_grad[0] else None
+        grad_k = torch.zeros_like(kernels)
+        sum_g = g.sum(dim=(0, 2))  # G0 per channel, shared by every branch
+        sum_g_chat = torch.empty_like(mean)  # G1
+        for sl in channel_slices(dim, _slice_bytes(batch, branches, length, ctx.use_toeplitz), ctx.chunk_bytes):
+            op = K.LongConv(fwd[:, sl], None if bwd is None else bwd[:, sl], length, ctx.use_toeplitz)
+            prepared = op.prepare(x[:, sl])
+            chat = (op.conv(prepared) - mean[None, :, sl, None]).mul_(invstd[None, :, sl, None])
+            gs = g[:, sl]
+            g1 = torch.einsum("bdl,bndl->nd", gs, chat)
+            sum_g_chat[:, sl] = g1
+            # d c_i = a_i * (g - G0 / M) - (a_i * G1_i / M) * c_hat_i, written over c_hat
+            a = alpha[:, sl] * gamma[:, sl] * invstd[:, sl]
+            centred_g = gs - sum_g[None, sl, None] / count
+            dc = torch.addcmul(centred_g.unsqueeze(1) * a[None, :, :, None], chat, (-a * g1 / count)[None, :, :, None],
+                               out=chat)
+            if grad_u is not None:
+                grad_u[:, sl] = op.adjoint(dc)
+            kf, kb = op.kernel_grad(dc, prepared)
+            grad_k[0, :, sl, : kf.shape[-1]] = kf
+            if kb is not None:
+                grad_k[1, :, sl, : kb.shape[-1]] = kb
+        grad_alpha = gamma * sum_g_chat + beta * sum_g
+        grad_gamma = alpha * sum_g_chat
+        grad_beta = alpha * sum_g.expand_as(alpha)
+        grad_u = None if grad_u is None else grad_u.to(u.dtype)
+        return grad_u, grad_k, grad_alpha, grad_gamma, grad_beta, None, None, None
+
+
+class BranchBatchNorm(nn.BatchNorm1d):
+    """The per-branch BatchNorms ``BN_i`` of an MRConv as one ``BatchNorm1d(N * D)`` (parameters, buffers and
+    ``state_dict`` keys of a plain BatchNorm), applied together with the branch convolutions and the ``alpha``
+    weighted sum, since only that combination avoids the branch tensor.
+
+    ``forward(u, kernels, alpha, use_toeplitz)``: in training, batch statistics over batch and output positions
+    (running statistics updated as ``nn.BatchNorm1d`` does); in eval, the running statistics, i.e. the folded
+    single kernel (``fold_branches``) applied once.
+    """
+
+    def __init__(self, num_branches: int, dim: int, chunk_bytes: int = CHUNK_BYTES, **kwargs) -> None:
+        super().__init__(num_branches * dim, **kwargs)
+        self.num_branches, self.dim, self.chunk_bytes = num_branches, dim, chunk_bytes
+
+    def branch_view(self, t: torch.Tensor) -> torch.Tensor:
+        return t.view(self.num_branches, self.dim)
+
+    def fold(self, kernels: torch.Tensor, alpha: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The single kernel (dirs, D, l) and bias (D) of the eval-mode layer."""
+        v = self.branch_view
+        return K.fold_branches(kernels, alpha, v(self.weight), v(self.bias), v(self.running_mean),
+                               v(self.running_var), self.eps)
+
+    def forward(self, u: torch.Tensor, kernels: torch.Tensor, alpha: torch.Tensor,  # type: ignore[override]
+                use_toeplitz: bool) -> torch.Tensor:
+        batch, _, length = u.shape
+        dtype = torch.promote_types(kernels.dtype, torch.float32)  # fp32 under autocast, fp64 when asked
+        if not self.training:
+            kernel, bias = self.fold(kernels, alpha)
+            op = K.LongConv(*K.truncate(kernel.unsqueeze(1), length), length, use_toeplitz)
+            return op.conv(op.prepare(u.to(dtype)))[:, 0] + bias[:, None]
+        if batch * length < 2:
+            raise ValueError(f"MRConv: BatchNorm needs more than one value per channel in training, got input of "
+                             f"shape {tuple(u.shape)}")
+        v = self.branch_view
+        y, mean, var = BranchConvBatchNorm.apply(u, kernels.to(dtype), alpha.to(dtype), v(self.weight).to(dtype),
+                                                 v(self.bias).to(dtype), self.eps, use_toeplitz, self.chunk_bytes)
+        self._update_running_stats(mean, var, batch * length)
+        return y
+
+    @torch.no_grad()
+    def _update_running_stats(self, mean: torch.Tensor, var: torch.Tensor, count: int) -> None:
+        self.num_batches_tracked.add_(1)
+        factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+        self.running_mean.mul_(1 - factor).add_(mean.flatten(), alpha=factor)
+        self.running_var.mul_(1 - factor).add_(var.flatten(), alpha=factor * count / (count - 1))
