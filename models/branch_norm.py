@@ -33,9 +33,9 @@ def channel_slices(dim: int, per_channel_bytes: int, budget: int) -> list[slice]
     return [slice(start, min(start + step, dim)) for start in range(0, dim, step)]
 
 
-def _slice_bytes(batch: int, branches: int, length: int, use_toeplitz: bool) -> int:
+def _slice_bytes(batch: int, branches: int, length: int, impl: str) -> int:
     """Bytes of transient fp32 work per channel: branch outputs, their gradient and, for FFTs, the spectra."""
-    if use_toeplitz:
+    if impl != "fft":
         return 4 * branches * (3 * batch * length + length * length)
     n = K.fft_size(length, length, length)
     return 4 * branches * batch * (3 * n + length)
@@ -50,7 +50,7 @@ class BranchConvBatchNorm(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, u, kernels, alpha, gamma, beta, eps: float, use_toeplitz: bool, chunk_bytes: int):
+    def forward(ctx, u, kernels, alpha, gamma, beta, eps: float, impl: str, chunk_bytes: int):
         x = u.to(kernels.dtype)
         batch, dim, length = x.shape
         branches, count = kernels.shape[1], batch * length
@@ -58,8 +58,8 @@ class BranchConvBatchNorm(torch.autograd.Function):
         y = x.new_empty(batch, dim, length)
         mean, var = x.new_empty(branches, dim), x.new_empty(branches, dim)
         shift = (alpha * beta).sum(dim=0)
-        for sl in channel_slices(dim, _slice_bytes(batch, branches, length, use_toeplitz), chunk_bytes):
-            op = K.LongConv(fwd[:, sl], None if bwd is None else bwd[:, sl], length, use_toeplitz)
+        for sl in channel_slices(dim, _slice_bytes(batch, branches, length, impl), chunk_bytes):
+            op = K.LongConv(fwd[:, sl], None if bwd is None else bwd[:, sl], length, impl)
             c = op.conv(op.prepare(x[:, sl]))  # (B, N, d, L)
             # two passes (mean, then the centred squares), summing positions first: torch.var_mean over (0, 3)
             # is several times slower on CPU
@@ -69,7 +69,7 @@ class BranchConvBatchNorm(torch.autograd.Function):
             scale = alpha[:, sl] * gamma[:, sl] * torch.rsqrt(var[:, sl] + eps)
             y[:, sl] = torch.einsum("bndl,nd->bdl", c, scale) + shift[sl, None]
         ctx.save_for_backward(u, kernels, alpha, gamma, beta, mean, var)
-        ctx.eps, ctx.use_toeplitz, ctx.chunk_bytes = eps, use_toeplitz, chunk_bytes
+        ctx.eps, ctx.impl, ctx.chunk_bytes = eps, impl, chunk_bytes
         ctx.mark_non_differentiable(mean, var)
         return y, mean, var
 
@@ -87,8 +87,8 @@ class BranchConvBatchNorm(torch.autograd.Function):
         grad_k = torch.zeros_like(kernels)
         sum_g = g.sum(dim=(0, 2))  # G0 per channel, shared by every branch
         sum_g_chat = torch.empty_like(mean)  # G1
-        for sl in channel_slices(dim, _slice_bytes(batch, branches, length, ctx.use_toeplitz), ctx.chunk_bytes):
-            op = K.LongConv(fwd[:, sl], None if bwd is None else bwd[:, sl], length, ctx.use_toeplitz)
+        for sl in channel_slices(dim, _slice_bytes(batch, branches, length, ctx.impl), ctx.chunk_bytes):
+            op = K.LongConv(fwd[:, sl], None if bwd is None else bwd[:, sl], length, ctx.impl)
             prepared = op.prepare(x[:, sl])
             chat = (op.conv(prepared) - mean[None, :, sl, None]).mul_(invstd[None, :, sl, None])
             gs = g[:, sl]
@@ -99,9 +99,9 @@ class BranchConvBatchNorm(torch.autograd.Function):
             centred_g = gs - sum_g[None, sl, None] / count
             dc = torch.addcmul(centred_g.unsqueeze(1) * a[None, :, :, None], chat, (-a * g1 / count)[None, :, :, None],
                                out=chat)
+            du, kf, kb = op.backward(dc, prepared, input_grad=grad_u is not None)
             if grad_u is not None:
-                grad_u[:, sl] = op.adjoint(dc)
-            kf, kb = op.kernel_grad(dc, prepared)
+                grad_u[:, sl] = du
             grad_k[0, :, sl, : kf.shape[-1]] = kf
             if kb is not None:
                 grad_k[1, :, sl, : kb.shape[-1]] = kb
@@ -117,7 +117,8 @@ class BranchBatchNorm(nn.BatchNorm1d):
     ``state_dict`` keys of a plain BatchNorm), applied together with the branch convolutions and the ``alpha``
     weighted sum, since only that combination avoids the branch tensor.
 
-    ``forward(u, kernels, alpha, use_toeplitz)``: in training, batch statistics over batch and output positions
+    ``forward(u, kernels, alpha, impl)`` (``impl`` as ``kernels.LongConv`` takes it): in training, batch statistics
+    over batch and output positions
     (running statistics updated as ``nn.BatchNorm1d`` does); in eval, the running statistics, i.e. the folded
     single kernel (``fold_branches``) applied once.
     """
@@ -136,19 +137,19 @@ class BranchBatchNorm(nn.BatchNorm1d):
                                v(self.running_var), self.eps)
 
     def forward(self, u: torch.Tensor, kernels: torch.Tensor, alpha: torch.Tensor,  # type: ignore[override]
-                use_toeplitz: bool) -> torch.Tensor:
+                impl: str) -> torch.Tensor:
         batch, _, length = u.shape
         dtype = torch.promote_types(kernels.dtype, torch.float32)  # fp32 under autocast, fp64 when asked
         if not self.training:
             kernel, bias = self.fold(kernels, alpha)
-            op = K.LongConv(*K.truncate(kernel.unsqueeze(1), length), length, use_toeplitz)
+            op = K.LongConv(*K.truncate(kernel.unsqueeze(1), length), length, impl)
             return op.conv(op.prepare(u.to(dtype)))[:, 0] + bias[:, None]
         if batch * length < 2:
             raise ValueError(f"MRConv: BatchNorm needs more than one value per channel in training, got input of "
                              f"shape {tuple(u.shape)}")
         v = self.branch_view
         y, mean, var = BranchConvBatchNorm.apply(u, kernels.to(dtype), alpha.to(dtype), v(self.weight).to(dtype),
-                                                 v(self.bias).to(dtype), self.eps, use_toeplitz, self.chunk_bytes)
+                                                 v(self.bias).to(dtype), self.eps, impl, self.chunk_bytes)
         self._update_running_stats(mean, var, batch * length)
         return y
 

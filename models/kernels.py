@@ -113,54 +113,78 @@ def toeplitz_conv(u: torch.Tensor, matrices: torch.Tensor) -> torch.Tensor:
 class LongConv:
     """K depthwise linear convolutions of a length-L input and the two adjoints a hand-written backward needs.
 
-    ``fwd`` (K, D, lf) and ``bwd`` (K, D, lb) or None are kernels already truncated to L (``truncate``). The
-    operator is a spectrum (FFT size ``n``) or, for short inputs, per-channel Toeplitz matrices. Inputs go through
-    ``prepare`` once (their spectrum, or themselves), so a backward that needs the input twice transforms it once.
+    ``fwd`` (K, D, lf) and ``bwd`` (K, D, lb) or None are kernels already truncated to L (``truncate``). ``impl``:
+    ``fft`` (a spectrum of FFT size ``n``), ``toeplitz`` (per-channel Toeplitz matrices) or ``triton`` (Toeplitz
+    tiles generated on the fly from the lag vectors, ``models.triton_toeplitz``). Inputs go through ``prepare``
+    once (their spectrum, or themselves), so a backward that needs the input twice transforms it once.
     """
 
-    def __init__(self, fwd: torch.Tensor, bwd: torch.Tensor | None, length: int, use_toeplitz: bool) -> None:
+    def __init__(self, fwd: torch.Tensor, bwd: torch.Tensor | None, length: int, impl: str) -> None:
         self.length, self.len_fwd = length, fwd.shape[-1]
         self.has_bwd, self.len_bwd = bwd is not None, 0 if bwd is None else bwd.shape[-1]
-        self.use_toeplitz = use_toeplitz
-        if use_toeplitz:
-            self.n, self.operator = 0, toeplitz(fwd, bwd, length)
+        self.impl, self.n = impl, 0
+        if impl == "toeplitz":
+            self.operator = toeplitz(fwd, bwd, length)
+        elif impl == "triton":
+            from . import triton_toeplitz
+            self.operator = triton_toeplitz.lag_vectors(fwd, bwd, length)
+            self.span = (-self.len_bwd, self.len_fwd - 1)
         else:
             self.n = fft_size(length, self.len_fwd, self.len_bwd)
             self.operator = kernel_spectrum(fwd, bwd, self.n)
 
     def prepare(self, u: torch.Tensor) -> torch.Tensor:
         """(B, D, L) -> what ``conv`` and ``kernel_grad`` take: the input's spectrum (FFT) or the input itself."""
-        return u if self.use_toeplitz else torch.fft.rfft(u, n=self.n)
+        return torch.fft.rfft(u, n=self.n) if self.impl == "fft" else u
 
     def conv(self, x: torch.Tensor) -> torch.Tensor:
         """``k_i * u`` for every kernel: prepared input -> (B, K, D, L)."""
-        if self.use_toeplitz:
+        if self.impl == "toeplitz":
             return toeplitz_conv(x, self.operator)
+        if self.impl == "triton":
+            from . import triton_toeplitz
+            return triton_toeplitz.toeplitz_conv(x, self.operator, *self.span)
         return torch.fft.irfft(x.unsqueeze(1) * self.operator, n=self.n)[..., : self.length]
 
     def adjoint(self, dc: torch.Tensor) -> torch.Tensor:
         """``sum_i k_i^T dc_i``: (B, K, D, L) -> (B, D, L), the gradient of ``conv`` with respect to its input."""
-        if self.use_toeplitz:
-            b, k, d, length = dc.shape
-            mats = self.operator.permute(1, 3, 0, 2).reshape(d, length, k * length)  # [d, s, (i, t)] = T_i[d, t, s]
-            return torch.matmul(mats, dc.permute(2, 1, 3, 0).reshape(d, k * length, b)).permute(2, 0, 1)
-        dc_f = torch.fft.rfft(dc, n=self.n)
-        return torch.fft.irfft((dc_f * self.operator.conj()).sum(dim=1), n=self.n)[..., : self.length]
+        return self.backward(dc, None)[0]
 
     def kernel_grad(self, dc: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``g_i[lag] = sum_{b,t} dc_i[b, t] u[b, t - lag]``, the gradient of ``conv`` with respect to the kernels:
         (B, K, D, L) and the prepared input -> forward taps (K, D, lf), backward taps (K, D, lb) or None."""
+        _, fwd, bwd = self.backward(dc, x, input_grad=False)
+        return fwd, bwd
+
+    def backward(self, dc: torch.Tensor, x: torch.Tensor | None, input_grad: bool = True
+                 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """Both gradients of ``conv`` from one transform of ``dc``: (input gradient or None, forward-tap gradient,
+        backward-tap gradient); the kernel gradients are None when ``x`` (the prepared input) is None."""
         length = self.length
-        if self.use_toeplitz:
+        grad_u = fwd = bwd = None
+        if self.impl == "fft":
+            dc_f = torch.fft.rfft(dc, n=self.n)
+            if input_grad:
+                grad_u = torch.fft.irfft((dc_f * self.operator.conj()).sum(dim=1), n=self.n)[..., :length]
+            if x is not None:
+                corr = torch.fft.irfft((dc_f * x.conj().unsqueeze(1)).sum(dim=0), n=self.n)
+                fwd = corr[..., : self.len_fwd]  # lag j at index j, lag -(j+1) at index n-1-j
+                bwd = corr[..., self.n - self.len_bwd:].flip(-1)
+            return grad_u, fwd, (bwd if self.has_bwd else None)
+        if input_grad and self.impl == "triton":
+            from . import triton_toeplitz
+            grad_u = triton_toeplitz.toeplitz_adjoint(dc, self.operator, *self.span)
+        elif input_grad:
+            b, k, d, _ = dc.shape
+            mats = self.operator.permute(1, 3, 0, 2).reshape(d, length, k * length)  # [d, s, (i, t)] = T_i[t, s]
+            grad_u = torch.matmul(mats, dc.permute(2, 1, 3, 0).reshape(d, k * length, b)).permute(2, 0, 1)
+        if x is not None:
             outer = torch.matmul(dc.permute(1, 2, 3, 0), x.permute(1, 0, 2))  # (K, D, t, s), summed over batch
             lags = diagonal_sums(outer)  # index L-1+lag
             fwd = lags[..., length - 1: length - 1 + self.len_fwd]
             bwd = lags[..., length - 1 - self.len_bwd: length - 1].flip(-1)
-        else:
-            corr = torch.fft.irfft((torch.fft.rfft(dc, n=self.n) * x.conj().unsqueeze(1)).sum(dim=0), n=self.n)
-            fwd = corr[..., : self.len_fwd]  # lag j at index j, lag -(j+1) at index n-1-j
-            bwd = corr[..., self.n - self.len_bwd:].flip(-1)
-        return fwd, (bwd if self.has_bwd else None)
+        return grad_u, fwd, (bwd if self.has_bwd else None)
+
 
 
 def dilated_dense(taps: torch.Tensor, dilation: int, length: int) -> torch.Tensor:

@@ -25,6 +25,11 @@ TOEPLITZ_MAX_LEN = {"cpu": 128, "cuda": 256}
 # 49 0.87x, 16 0.75x, 4 0.99x of the Toeplitz time; only L=64 went the other way, 1.15x), so CPU trains with FFTs.
 # CUDA keeps the inference threshold until a GPU measurement says otherwise.
 TOEPLITZ_MAX_LEN_TRAIN = {"cpu": 0, "cuda": 256}
+# conv_impl="triton": Toeplitz tiles generated on chip (models/triton_toeplitz.py) up to this length, where the
+# O(L^2) product still costs about a depthwise conv on tensor cores (FIELD_NOTES: bf16 Toeplitz bmm at L = 784 on an
+# H100), FFT above. Not yet measured with the Triton kernel itself.
+TRITON_MAX_LEN = 784
+CONV_IMPLS = ("auto", "fft", "toeplitz", "triton")
 # The layer's kernel parameters and branch weights (no weight decay; the optional kernel learning rate). The
 # per-branch BatchNorm is not among them: it is an ordinary norm layer.
 KERNEL_PARAM_NAMES = ("fourier_modes", "sparse_values", "beta", "dense_kernels", "dilated_taps", "alpha")
@@ -44,8 +49,9 @@ class MRConv(nn.Module):
         n_modes: complex Fourier modes per branch and channel (``fourier``, ``fourier_sparse``).
         n_sparse: non-zero taps per branch and channel (``sparse``, ``fourier_sparse``).
         seed: seed of the sparse tap positions (a buffer saved with the model, never resampled).
-        conv_impl: ``auto`` (Toeplitz matmul up to ``TOEPLITZ_MAX_LEN`` of the device type, FFT above), ``fft``
-            or ``toeplitz``.
+        conv_impl: ``auto`` (Toeplitz matmul up to ``TOEPLITZ_MAX_LEN`` of the device type, FFT above; in training
+            ``TOEPLITZ_MAX_LEN_TRAIN``), ``fft``, ``toeplitz`` or ``triton`` (Triton Toeplitz tiles up to
+            ``TRITON_MAX_LEN``, FFT above; CUDA, or CPU under ``TRITON_INTERPRET=1``).
         inference_mode: build the fused single-kernel form directly (to load a fused ``state_dict``).
     """
 
@@ -71,8 +77,11 @@ class MRConv(nn.Module):
                 raise ValueError(f"MRConv: {name} must be an integer >= 1, got {value!r}")
         if max_resolutions is not None and max_resolutions < 1:
             raise ValueError(f"MRConv: max_resolutions must be >= 1 or None, got {max_resolutions!r}")
-        if conv_impl not in ("auto", "fft", "toeplitz"):
-            raise ValueError(f"MRConv: conv_impl must be 'auto', 'fft' or 'toeplitz', got {conv_impl!r}")
+        if conv_impl not in CONV_IMPLS:
+            raise ValueError(f"MRConv: conv_impl must be one of {', '.join(CONV_IMPLS)}, got {conv_impl!r}")
+        if conv_impl == "triton":
+            # imported here, not first inside a forward that torch.compile may be tracing
+            from . import triton_toeplitz  # noqa: F401
         self.dim, self.seq_len, self.l0 = dim, seq_len, l0
         self.kernel_type, self.bidirectional, self.conv_impl = kernel_type, bidirectional, conv_impl
         self.dirs = 2 if bidirectional else 1
@@ -177,14 +186,18 @@ class MRConv(nn.Module):
         self._cache = None
 
     # ------------------------------------------------------------------------------------------------- forward
-    def _use_toeplitz(self, length: int, device: torch.device, training: bool = False) -> bool:
+    def _impl(self, length: int, device: torch.device, training: bool = False) -> str:
+        """How to convolve a length-``length`` input: ``fft``, ``toeplitz`` or ``triton`` (``kernels.LongConv``)."""
+        if self.conv_impl in ("fft", "toeplitz"):
+            return self.conv_impl
+        if self.conv_impl == "triton":
+            return "triton" if length <= TRITON_MAX_LEN else "fft"
         table = TOEPLITZ_MAX_LEN_TRAIN if training else TOEPLITZ_MAX_LEN
-        limit = table.get(device.type, table["cpu"])
-        return self.conv_impl == "toeplitz" or (self.conv_impl == "auto" and length <= limit)
+        return "toeplitz" if length <= table.get(device.type, table["cpu"]) else "fft"
 
     def _long_conv(self, kernels: torch.Tensor, length: int) -> K.LongConv:
-        """Kernels (dirs, K, D, l) as an operator on length-``length`` inputs (Toeplitz or FFT by length)."""
-        return K.LongConv(*K.truncate(kernels, length), length, self._use_toeplitz(length, kernels.device))
+        """Kernels (dirs, K, D, l) as an operator on length-``length`` inputs."""
+        return K.LongConv(*K.truncate(kernels, length), length, self._impl(length, kernels.device))
 
     def _fused_operator(self, length: int) -> K.LongConv:
         weight = self.weight.unsqueeze(1)
@@ -208,11 +221,12 @@ class MRConv(nn.Module):
             length = int(u.shape[-1])
             if self.inference_mode:
                 op = self._fused_operator(length)
-                x = u.to(torch.promote_types(self.weight.dtype, torch.float32))
+                # the Triton tiles take bf16/fp16 as given (fp32 accumulation, as a depthwise conv under autocast)
+                x = u if op.impl == "triton" else u.to(torch.promote_types(self.weight.dtype, torch.float32))
                 y = op.conv(op.prepare(x))[:, 0] + self.bias[:, None]
             else:
-                use_toeplitz = self._use_toeplitz(length, u.device, training=self.training)
-                y = self.norm(u, self.branch_kernels(), self.alpha, use_toeplitz)
+                impl = self._impl(length, u.device, training=self.training)
+                y = self.norm(u, self.branch_kernels(), self.alpha, impl)
         return y.to(dtype)
 
     def extra_repr(self) -> str:

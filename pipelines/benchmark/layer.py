@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 
 from models import MRConv
+from models.mrconv import CONV_IMPLS
 from models.mrconvnext import STAGE_L0
 
 from .timing import interleaved, machine_description
@@ -37,6 +38,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--kernel-type", default="fourier_sparse")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--train", action="store_true", help="time forward + backward in train mode")
+    parser.add_argument("--conv-impl", default="auto", choices=CONV_IMPLS,
+                        help="MRConv conv_impl of the timed layer (the 'fused' and 'training' columns)")
+    parser.add_argument("--amp", default="none", choices=("none", "bf16"), help="autocast every variant")
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave torch's default)")
@@ -45,8 +49,10 @@ def main(argv: list[str]) -> int:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     mode = "forward + backward, train mode" if args.train else "forward, eval mode"
-    print(f"MRConv layer {mode}, batch {args.batch_size}, {args.kernel_type}, bidirectional, fp32, "
-          f"on {machine_description(device)}")
+    precision = "bf16 autocast" if args.amp == "bf16" else "fp32"
+    print(f"MRConv layer {mode}, batch {args.batch_size}, {args.kernel_type}, bidirectional, {precision}, "
+          f"conv_impl={args.conv_impl}, on {machine_description(device)}")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp == "bf16")
     if args.train:
         header = (f"{'L':>5} {'C':>4} {'N':>2} | {'training':>10} {'fused':>10} {'dw7x7':>10} | "
                   f"{'training/dw7x7':>14} {'training/fused':>14}")
@@ -58,7 +64,7 @@ def main(argv: list[str]) -> int:
     for (dim, side), l0 in zip(STAGES, STAGE_L0):
         length = side * side
         torch.manual_seed(0)
-        layer = MRConv(dim, length, l0, kernel_type=args.kernel_type).to(device)
+        layer = MRConv(dim, length, l0, kernel_type=args.kernel_type, conv_impl=args.conv_impl).to(device)
         dw = nn.Conv2d(dim, dim, 7, padding=3, groups=dim).to(device)
         x = torch.randn(args.batch_size, dim, length, device=device)
         x2d = x.view(args.batch_size, dim, side, side)
@@ -70,7 +76,8 @@ def main(argv: list[str]) -> int:
             grad = torch.randn_like(x)
             fns = {"training": _train_step(layer.train(), x, grad), "fused": _train_step(fused.train(), x, grad),
                    "dw": _train_step(dw.train(), x2d, grad.view_as(x2d))}
-            t = interleaved(fns, device=device, iters=args.iters, rounds=args.rounds)
+            with autocast:
+                t = interleaved(fns, device=device, iters=args.iters, rounds=args.rounds)
             ms = {k: v * 1e3 for k, v in t.items()}
             ratio = t["training"] / t["dw"]
             ratios.append(ratio)
@@ -78,12 +85,12 @@ def main(argv: list[str]) -> int:
                   f"{ms['dw']:>8.2f}ms | {ratio:>13.2f}x {t['training'] / t['fused']:>13.2f}x")
             continue
         fused = {}
-        for impl in ("auto", "fft", "toeplitz"):
+        for impl in (args.conv_impl, "fft", "toeplitz"):
             fused[impl] = copy.deepcopy(layer).eval()
             fused[impl].conv_impl = impl
             fused[impl].reparameterize()
-        with torch.inference_mode():
-            fns = {"fused": lambda: fused["auto"](x), "fft": lambda: fused["fft"](x),
+        with torch.inference_mode(), autocast:
+            fns = {"fused": lambda: fused[args.conv_impl](x), "fft": lambda: fused["fft"](x),
                    "toeplitz": lambda: fused["toeplitz"](x), "dw": lambda: dw.eval()(x2d)}
             t = interleaved(fns, device=device, iters=args.iters, rounds=args.rounds)
         ms = {k: v * 1e3 for k, v in t.items()}

@@ -1,0 +1,17 @@
+"""python -m pipelines.benchmark layer: both modes run at the real ConvNeXt-T stage shapes and print one row each."""
+from __future__ import annotations
+
+import pytest
+
+from pipelines.benchmark import layer
+
+TINY = ["--batch-size", "1", "--iters", "1", "--rounds", "1", "--threads", "1"]
+
+
+@pytest.mark.parametrize("mode", [[], ["--train"], ["--conv-impl", "fft", "--amp", "bf16"]])
+def test_layer_benchmark_prints_every_stage_and_a_summary(mode, capsys):
+    assert layer.main([*TINY, *mode]) == 0
+    out = capsys.readouterr().out.splitlines()
+    rows = [line for line in out if line.split("|")[0].split()[:1] in (["3136"], ["784"], ["196"], ["49"])]
+    assert len(rows) == 4
+    assert out[-1].startswith("summary:") and out[-1].count("x") >= 4

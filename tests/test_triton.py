@@ -1,0 +1,111 @@
+"""The Triton Toeplitz kernels (models/triton_toeplitz.py) against the PyTorch paths, on CPU under the Triton
+interpreter (conftest.py sets TRITON_INTERPRET=1 before triton is imported; on a CUDA machine they run compiled on the
+GPU)."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+triton_toeplitz = pytest.importorskip("models.triton_toeplitz")
+
+from models import MRConv  # noqa: E402
+from models import kernels as K  # noqa: E402
+
+from .mrconv_reference import reference_forward  # noqa: E402
+from .test_mrconv import compare_with_reference, moved_layer, naive_conv  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.mark.parametrize("length", [1, 5, 17, 37])
+@pytest.mark.parametrize("bidirectional", [True, False])
+def test_conv_adjoint_and_lag_grad_equal_naive(length, bidirectional):
+    """Odd and prime lengths, batch not a multiple of the tile, kernels shorter and longer than the input."""
+    torch.manual_seed(length)
+    u = torch.randn(3, 2, length, dtype=torch.float64, requires_grad=True)
+    for klen in (3, 2 * length + 1):
+        kernels = torch.randn(2 if bidirectional else 1, 2, 2, klen, dtype=torch.float64, requires_grad=True)
+        fwd, bwd = K.truncate(kernels, length)
+        ref = torch.stack([naive_conv(u, kernels[0, i], kernels[1, i] if bidirectional else None) for i in range(2)], 1)
+        op = K.LongConv(fwd.float().detach(), None if bwd is None else bwd.float().detach(), length, "triton")
+        x = u.detach().float().to(DEVICE)
+        y = op.conv(op.prepare(x)).cpu().double()
+        assert (y - ref).abs().max() <= 1e-5 * ref.abs().max()
+        grad = torch.randn_like(ref)
+        ref_du, ref_dk = torch.autograd.grad(ref, (u, kernels), grad)
+        du, dk_fwd, dk_bwd = op.backward(grad.float().to(DEVICE), x)
+        assert (du.cpu().double() - ref_du).abs().max() <= 1e-5 * ref_du.abs().max()
+        assert (dk_fwd.cpu().double() - ref_dk[0, ..., :fwd.shape[-1]]).abs().max() <= 1e-5 * ref_dk.abs().max()
+        if bidirectional and length > 1:
+            assert (dk_bwd.cpu().double() - ref_dk[1, ..., :bwd.shape[-1]]).abs().max() <= 1e-5 * ref_dk.abs().max()
+
+
+def test_custom_op_autograd_matches_the_toeplitz_path():
+    torch.manual_seed(0)
+    lags = torch.randn(2, 3, 2 * 20 - 1, requires_grad=True)
+    x = torch.randn(4, 3, 20, requires_grad=True)
+    y = triton_toeplitz.toeplitz_conv(x, lags, -19, 19)
+    mats = lags.unfold(-1, 20, 1).flip(-1)
+    ref = K.toeplitz_conv(x, mats)
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    grad = torch.randn_like(ref)
+    got = torch.autograd.grad(y, (x, lags), grad)
+    want = torch.autograd.grad(ref, (x, lags), grad)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    assert torch.library.opcheck(triton_toeplitz.toeplitz_conv, (x.detach(), lags.detach(), -19, 19),
+                                 test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.parametrize("bidirectional", [True, False])
+def test_training_form_with_triton_equals_reference(bidirectional):
+    layer = moved_layer("fourier_sparse", bidirectional, "triton", dtype=torch.float32)
+    compare_with_reference(layer, 2 * torch.randn(3, layer.dim, 23) + 0.5, "toeplitz", rtol=1e-4)
+
+
+def test_fused_triton_layer_equals_fft_layer_and_folds_exactly():
+    torch.manual_seed(0)
+    layer = MRConv(4, 40, 5, conv_impl="triton")
+    layer(torch.randn(3, 4, 40)).sum().backward()  # statistics move
+    layer.eval()
+    fused = copy.deepcopy(layer)
+    fused.reparameterize()
+    u = torch.randn(2, 4, 40)
+    with torch.no_grad():
+        ref = layer(u)
+        out = fused(u)
+    assert (out - ref).abs().max() <= 1e-5 * ref.abs().max()
+    fft = copy.deepcopy(fused)
+    fft.conv_impl, fft._cache = "fft", None
+    with torch.no_grad():
+        assert (fft(u) - out).abs().max() <= 1e-5 * out.abs().max()
+
+
+def _compiled_forms_match_eager(model: torch.nn.Module, x: torch.Tensor) -> None:
+    """The training form (custom autograd Function), its eval form and the fused form, each traced whole."""
+    fused = copy.deepcopy(model).eval()
+    fused.apply(lambda m: m.reparameterize() if hasattr(m, "reparameterize") else None)
+    for m in (model, copy.deepcopy(model).eval(), fused):
+        compiled = torch.compile(m, fullgraph=True, backend="aot_eager")
+        y = compiled(x)
+        if m.training:
+            y.sum().backward()
+        with torch.no_grad():
+            torch.testing.assert_close(y.detach(), m(x), rtol=1e-4, atol=1e-4)
+
+
+def test_compile_fullgraph_traces_mrconvnext():
+    """No graph break in any form of the whole model (aot_eager: the tracing, without needing a C++ compiler)."""
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model("mrconvnext_atto", img_size=32, num_classes=10)
+    _compiled_forms_match_eager(model, torch.randn(2, 3, 32, 32))
+
+
+def test_compile_fullgraph_traces_the_triton_custom_ops():
+    """The same for a layer on the Triton ops (one layer: the interpreter is slow at model size)."""
+    torch.manual_seed(0)
+    _compiled_forms_match_eager(MRConv(4, 20, 5, conv_impl="triton"), torch.randn(2, 4, 20))
