@@ -23,7 +23,7 @@ def exact_fp32():
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
-@pytest.mark.parametrize("impl", ["fft", "toeplitz"])
+@pytest.mark.parametrize("impl", ["fft", "toeplitz", "triton"])
 @pytest.mark.parametrize("kernel_type", ["fourier_sparse", "dilated", "dense"])
 def test_fold_is_exact_on_cuda(kernel_type, impl):
     torch.manual_seed(0)
@@ -67,3 +67,46 @@ def test_bf16_autocast_trains_a_batchnorm_model_on_cuda():
         with torch.autocast("cuda", dtype=torch.bfloat16):
             out = fused(x)
     assert (out.float() - ref).abs().max() <= 5e-2 * ref.abs().max()  # bf16 matmuls, fp32 FFTs
+
+
+@pytest.mark.parametrize("length, l0", [(784, 49), (196, 28), (49, 28)])
+def test_triton_training_form_equals_the_reference_at_stage_shapes(length, l0):
+    """The Triton Toeplitz kernels compiled on the GPU, at the ConvNeXt-T stage lengths: output, every gradient
+    and the running statistics against the old implementation (fp32, tensor cores in IEEE mode)."""
+    from .mrconv_reference import reference_forward
+
+    torch.manual_seed(0)
+    layer = MRConv(16, length, l0, conv_impl="triton").cuda()
+    ref_layer = copy.deepcopy(layer)
+    x = (torch.randn(8, 16, length, device="cuda") * 2 + 0.5).requires_grad_()
+    x_ref = x.detach().clone().requires_grad_()
+    y = layer(x)
+    y_ref = reference_forward(ref_layer, x_ref, "fft")
+    grad = torch.randn_like(y)
+    y.backward(grad)
+    y_ref.backward(grad)
+    assert (y - y_ref).abs().max() <= 1e-4 * y_ref.abs().max()
+    assert (x.grad - x_ref.grad).abs().max() <= 1e-4 * x_ref.grad.abs().max()
+    for (name, p), q in zip(layer.named_parameters(), ref_layer.parameters()):
+        assert (p.grad - q.grad).abs().max() <= 1e-4 * q.grad.abs().max(), name
+    torch.testing.assert_close(layer.norm.running_var, ref_layer.norm.running_var, rtol=1e-4, atol=1e-6)
+
+
+def test_triton_fused_bf16_is_as_close_as_a_bf16_depthwise_conv():
+    """bf16 input on the Triton path: error of the same order as bf16 autocast gives a 7x7 depthwise conv."""
+    torch.manual_seed(0)
+    layer = MRConv(64, 784, 49, conv_impl="triton").cuda().eval()
+    layer.reparameterize()
+    x = torch.randn(16, 64, 784, device="cuda")
+    with torch.inference_mode():
+        ref = layer(x)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = layer(x)
+        dw = torch.nn.Conv2d(64, 64, 7, padding=3, groups=64).cuda()
+        x2d = x.view(16, 64, 28, 28)
+        dw_ref = dw(x2d)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            dw_out = dw(x2d)
+    err = (out.float() - ref).abs().max() / ref.abs().max()
+    dw_err = (dw_out.float() - dw_ref).abs().max() / dw_ref.abs().max()
+    assert err <= 4 * dw_err + 1e-3, (err, dw_err)
