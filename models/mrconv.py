@@ -53,6 +53,7 @@ class MRConv(nn.Module):
             ``TOEPLITZ_MAX_LEN_TRAIN``), ``fft``, ``toeplitz`` or ``triton`` (Triton Toeplitz tiles up to
             ``TRITON_MAX_LEN``, FFT above; CUDA, or CPU under ``TRITON_INTERPRET=1``).
         inference_mode: build the fused single-kernel form directly (to load a fused ``state_dict``).
+        device, dtype: where and in which dtype the parameters are created (timm's factory keywords).
     """
 
     def __init__(
@@ -68,6 +69,8 @@ class MRConv(nn.Module):
         seed: int = 0,
         conv_impl: str = "auto",
         inference_mode: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         if kernel_type not in K.KERNEL_TYPES:
@@ -96,40 +99,41 @@ class MRConv(nn.Module):
         self.seed = seed
         self.inference_mode = inference_mode
         self._cache: tuple[tuple, K.LongConv] | None = None
+        dd = dict(device=device, dtype=dtype)
         if inference_mode:
-            self._init_fused()
+            self._init_fused(dd)
         else:
-            self._init_branches()
+            self._init_branches(dd)
 
     # ----------------------------------------------------------------------------------------------- construction
-    def _init_branches(self) -> None:
+    def _init_branches(self, dd: dict) -> None:
         dirs, n, d = self.dirs, self.num_branches, self.dim
         kt = self.kernel_type
         if kt in ("fourier", "fourier_sparse"):
             m = self.n_modes
             # (real, imag) pairs interleaved on the last dim; kept 4-D so `model.to(memory_format=channels_last)`
             # (timm's --channels-last) accepts the model
-            self.fourier_modes = nn.Parameter(torch.randn(dirs, n, d, 2 * m) / math.sqrt(2 * m))
+            self.fourier_modes = nn.Parameter(torch.randn(dirs, n, d, 2 * m, **dd) / math.sqrt(2 * m))
         if kt in ("sparse", "fourier_sparse"):
             k = self.n_sparse
             gen = torch.Generator().manual_seed(self.seed)
             index = [[torch.randperm(length, generator=gen)[:k].sort().values for length in self.lengths]
                      for _ in range(dirs)]
-            self.register_buffer("sparse_index", torch.stack([torch.stack(row) for row in index]))
-            self.sparse_values = nn.Parameter(torch.randn(dirs, n, d, k) / math.sqrt(k))
+            self.register_buffer("sparse_index", torch.stack([torch.stack(row) for row in index]).to(dd["device"]))
+            self.sparse_values = nn.Parameter(torch.randn(dirs, n, d, k, **dd) / math.sqrt(k))
         if kt == "fourier_sparse":
-            self.beta = nn.Parameter(torch.ones(dirs, n, 2))
+            self.beta = nn.Parameter(torch.ones(dirs, n, 2, **dd))
         if kt == "dense":
             self.dense_kernels = nn.ParameterList(
-                [nn.Parameter(torch.randn(dirs, d, length) / math.sqrt(length)) for length in self.lengths])
+                [nn.Parameter(torch.randn(dirs, d, length, **dd) / math.sqrt(length)) for length in self.lengths])
         if kt == "dilated":
-            self.dilated_taps = nn.Parameter(torch.randn(dirs, n, d, self.l0) / math.sqrt(self.l0))
-        self.norm = BranchBatchNorm(n, d)  # BN_i of every branch as one BN over (branch, channel)
-        self.alpha = nn.Parameter(torch.full((n, d), 1.0 / math.sqrt(n)))
+            self.dilated_taps = nn.Parameter(torch.randn(dirs, n, d, self.l0, **dd) / math.sqrt(self.l0))
+        self.norm = BranchBatchNorm(n, d, **dd)  # BN_i of every branch as one BN over (branch, channel)
+        self.alpha = nn.Parameter(torch.full((n, d), 1.0 / math.sqrt(n), **dd))
 
-    def _init_fused(self) -> None:
-        self.weight = nn.Parameter(torch.zeros(self.dirs, self.dim, self.kernel_len))
-        self.bias = nn.Parameter(torch.zeros(self.dim))
+    def _init_fused(self, dd: dict) -> None:
+        self.weight = nn.Parameter(torch.zeros(self.dirs, self.dim, self.kernel_len, **dd))
+        self.bias = nn.Parameter(torch.zeros(self.dim, **dd))
 
     # ------------------------------------------------------------------------------------------------- kernels
     def branch_kernels(self) -> torch.Tensor:

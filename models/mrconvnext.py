@@ -54,6 +54,8 @@ class MRConvNeXt(ConvNeXt):
         min_l0: smallest initial kernel when ``l0`` is derived.
         n_modes, n_sparse, conv_impl: passed to every ``MRConv``.
         inference_mode: build the fused (reparameterized) form, to load a fused checkpoint.
+        device, dtype: as timm's ``ConvNeXt``; the MRConv layers are created there too (``device="meta"``
+            builds the whole model without memory).
     """
 
     def __init__(
@@ -69,11 +71,13 @@ class MRConvNeXt(ConvNeXt):
         inference_mode: bool = False,
         patch_size: int = 4,
         output_stride: int = 32,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
         **kwargs,
     ) -> None:
         if output_stride != 32:
             raise ValueError("MRConvNeXt supports output_stride=32 only (the kernels follow the stage lengths)")
-        super().__init__(patch_size=patch_size, output_stride=output_stride, **kwargs)
+        super().__init__(patch_size=patch_size, output_stride=output_stride, device=device, dtype=dtype, **kwargs)
         height, width = to_2tuple(img_size)
         # Each stage's real stride (timm's stem + stage-0 downsample reach 4 whatever the patch size).
         reductions = [info["reduction"] for info in self.feature_info]
@@ -88,7 +92,7 @@ class MRConvNeXt(ConvNeXt):
                 block.conv_dw = MRConv2d(
                     dim, seq_lens[s], min(l0[s], seq_lens[s]), kernel_type=kernel_type, bidirectional=True,
                     max_resolutions=max_resolutions, n_modes=n_modes, n_sparse=n_sparse, seed=1000 * s + b,
-                    conv_impl=conv_impl, inference_mode=inference_mode)
+                    conv_impl=conv_impl, inference_mode=inference_mode, device=device, dtype=dtype)
 
     @property
     def inference_mode(self) -> bool:
@@ -135,7 +139,7 @@ def _model_name(model: MRConvNeXt) -> str:
     return (getattr(model, "pretrained_cfg", None) or {}).get("architecture", type(model).__name__)
 
 
-def _filter_fn(state_dict: Mapping[str, torch.Tensor], model: MRConvNeXt) -> Mapping[str, torch.Tensor]:
+def checkpoint_filter_fn(state_dict: Mapping[str, torch.Tensor], model: MRConvNeXt) -> Mapping[str, torch.Tensor]:
     state_dict = state_dict.get("state_dict", state_dict.get("model", state_dict))
     check_state_dict(model, state_dict, ignore_prefix=model.pretrained_cfg.get("classifier"))
     return state_dict
@@ -150,7 +154,7 @@ def _create_mrconvnext(variant: str, pretrained: bool = False, **kwargs) -> MRCo
         kwargs["pretrained_cfg_overlay"] = overlay | (kwargs.get("pretrained_cfg_overlay") or {})
     return build_model_with_cfg(
         MRConvNeXt, variant, pretrained,
-        pretrained_filter_fn=_filter_fn,
+        pretrained_filter_fn=checkpoint_filter_fn,
         feature_cfg=dict(out_indices=(0, 1, 2, 3), flatten_sequential=True),
         **kwargs)
 

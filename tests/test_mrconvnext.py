@@ -186,3 +186,13 @@ def test_bad_arguments_say_what_is_expected():
         timm.create_model("mrconvnext_atto", output_stride=16)
     with torch.no_grad():
         assert math.isfinite(float(small_model().eval()(torch.randn(1, 3, 32, 32)).sum()))  # batch size 1
+
+
+@pytest.mark.parametrize("inference_mode", [False, True])
+def test_factory_device_and_dtype_reach_every_parameter(inference_mode):
+    """As timm's ConvNeXt: create_model(..., device="meta") allocates nothing, dtype=float64 builds in float64."""
+    meta = timm.create_model("mrconvnext_atto", img_size=32, device="meta", inference_mode=inference_mode)
+    assert {t.device.type for t in [*meta.parameters(), *meta.buffers()]} == {"meta"}
+    model = timm.create_model("mrconvnext_atto", img_size=32, dtype=torch.float64, inference_mode=inference_mode)
+    assert {p.dtype for p in model.parameters()} == {torch.float64}
+    assert model(torch.randn(2, 3, 32, 32, dtype=torch.float64)).dtype == torch.float64
