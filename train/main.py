@@ -19,7 +19,7 @@ import torch.distributed as dist
 from timm.utils import ModelEmaV3, distribute_bn
 
 import models  # noqa: F401  (registers mrconvnext_* in timm)
-from pipelines.data import create_eval_loader, create_train_loader, read_info
+from pipelines.data import COUNT_KEYS, create_eval_loader, create_train_loader, read_info
 from train import checkpoint as ckpt
 from train.config import ConfigError, TrainConfig, load_config, plan_batches, scaled_lr, write_config
 from train.distributed import init_distributed
@@ -143,6 +143,7 @@ def run(cfg: TrainConfig, run_dir: str) -> int:
                        save_every=cfg.checkpoint.every_steps, save=save, world_size=world_size,
                        rng_after_skip=rng_after_skip, last_saved_step=pos.step if tag else -1)
     metrics: dict = {}
+    data_counts = dict.fromkeys(COUNT_KEYS, 0)  # bad train data over this start, all ranks
     t_start = time.perf_counter()
     while pos.epoch < s.epochs:
         seed_epoch(cfg.seed, rank, pos.epoch)
@@ -155,6 +156,10 @@ def run(cfg: TrainConfig, run_dir: str) -> int:
         line = f"epoch {pos.epoch + 1}/{s.epochs} step {pos.step} lr {optimizer.param_groups[0]['lr']:.3g}"
         if ctx.stats.get("images_per_sec"):
             line += f" train loss {ctx.stats['loss']:.4f} {ctx.stats['images_per_sec']:.0f} img/s"
+        bad = {f"train {k}": v for k, v in ctx.stats["data"].items()}
+        for k, v in ctx.stats["data"].items():
+            data_counts[k] += v
+        logger.scalars(pos.step, {f"data/{k.replace(' ', '_')}": v for k, v in bad.items()})
         if (pos.epoch + 1) % cfg.logging.eval_every_epochs == 0 or last:
             average_bn()
             metrics = {f"val/{k}": v for k, v in evaluate(engine, eval_loader, amp_dtype).items()}
@@ -162,6 +167,9 @@ def run(cfg: TrainConfig, run_dir: str) -> int:
                 metrics.update({f"val_ema/{k}": v for k, v in evaluate(ema.module, eval_loader, amp_dtype).items()})
             logger.scalars(pos.step, {k: v for k, v in metrics.items() if not k.endswith("count")})
             line += " " + " ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k.split("/")[1] in ("top1", "top5"))
+            bad.update({f"val {k[4:]}": v for k, v in metrics.items() if k[4:] in COUNT_KEYS and k[:4] == "val/"})
+        if any(bad.values()):
+            line += " bad data: " + ", ".join(f"{k} {v}" for k, v in bad.items() if v)
         if (pos.epoch + 1) % cfg.logging.alpha_image_every_epochs == 0 or last:
             logger.alpha_images(pos.step, alpha_energy(engine.module))
         logger.info(line)
@@ -172,7 +180,8 @@ def run(cfg: TrainConfig, run_dir: str) -> int:
     final_tag = ckpt.latest_tag(ckpt_dir)
     summary = {"run_dir": run_dir, "checkpoint": os.path.join(ckpt_dir, final_tag), "step": pos.step,
                "epochs": s.epochs, "model": cfg.model.name, "metrics": metrics,
-               "train_seconds_this_start": round(time.perf_counter() - t_start, 1)}
+               "train_seconds_this_start": round(time.perf_counter() - t_start, 1),
+               "train_bad_data_this_start": data_counts}
     if rank == 0:
         with open(os.path.join(run_dir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=1)
