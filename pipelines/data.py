@@ -146,8 +146,14 @@ def tar_end_ok(f) -> bool:
     return not f.read(TAR_END).strip(b"\0")
 
 
-def _split_shards(data_dir: str, split: str) -> tuple[list[str], dict[str, int], int]:
-    """(shard paths, samples per shard path, samples in the split); every shard checked complete."""
+def check_split(data_dir: str, split: str) -> None:
+    """Fails (``DataError``) when the split, its ``_info.json`` or one of its shards is missing."""
+    _split_shards(data_dir, split, check_ends=False)
+
+
+def _split_shards(data_dir: str, split: str, *, check_ends: bool = True) -> tuple[list[str], dict[str, int], int]:
+    """(shard paths, samples per shard path, samples in the split); every shard checked there and, with
+    ``check_ends``, checked to end like a complete tar (a warning names those that do not)."""
     info = read_info(data_dir)
     splits = info.get("splits", {})
     if split not in splits:
@@ -161,7 +167,7 @@ def _split_shards(data_dir: str, split: str) -> tuple[list[str], dict[str, int],
     for path in shards:
         try:
             with open(path, "rb") as f:
-                if not tar_end_ok(f):
+                if check_ends and not tar_end_ok(f):
                     cut.append(os.path.basename(path))
         except OSError as exc:
             raise DataError(f"shard {path} of split {split!r} is missing or unreadable ({exc.strerror}); re-run "

@@ -2,13 +2,14 @@
 
 Same entry point under ``torchrun``, the ``deepspeed`` launcher and ``srun`` (world info in train/distributed.py).
 Exit codes: 0 finished, 3 stopped on SIGUSR1/SIGTERM after saving a checkpoint (the job is to be requeued;
-the next start resumes from the run directory), 2 bad config.
+the next start resumes from the run directory), 2 bad config or data (one line on stderr, no traceback).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import re
 import sys
 import time
 from typing import Optional
@@ -19,9 +20,10 @@ import torch.distributed as dist
 from timm.utils import ModelEmaV3, distribute_bn
 
 import models  # noqa: F401  (registers mrconvnext_* in timm)
-from pipelines.data import COUNT_KEYS, create_eval_loader, create_train_loader, read_info
+from pipelines.data import COUNT_KEYS, DataError, check_split, create_eval_loader, create_train_loader, read_info
 from train import checkpoint as ckpt
-from train.config import ConfigError, TrainConfig, load_config, plan_batches, scaled_lr, write_config
+from train.config import (ConfigError, TrainConfig, load_config, model_kwarg_hint, plan_batches, scaled_lr,
+                          write_config)
 from train.distributed import init_distributed
 from train.engine import autocast_dtype, create_engine, deepspeed_config
 from train.evaluate import evaluate
@@ -56,8 +58,28 @@ def num_classes_for(cfg: TrainConfig, info: dict) -> int:
 
 
 def create_model(cfg: TrainConfig, num_classes: int) -> torch.nn.Module:
-    return timm.create_model(cfg.model.name, num_classes=num_classes, drop_path_rate=cfg.model.drop_path_rate,
-                             in_chans=cfg.model.in_chans, **cfg.model.kwargs)
+    try:
+        return timm.create_model(cfg.model.name, num_classes=num_classes, drop_path_rate=cfg.model.drop_path_rate,
+                                 in_chans=cfg.model.in_chans, **cfg.model.kwargs)
+    except TypeError as exc:
+        typo = re.search(r"unexpected keyword argument '(\w+)'", str(exc))
+        if typo is None:
+            raise
+        raise ConfigError(f"model.kwargs.{typo.group(1)}: {cfg.model.name} takes no such argument"
+                          f"{model_kwarg_hint(cfg.model.name, typo.group(1))}") from None
+    except ValueError as exc:  # a model refusing an argument's value
+        raise ConfigError(f"model.kwargs: {exc}") from None
+
+
+def preflight(cfg: TrainConfig) -> None:
+    """The mistakes that need no process group, found in seconds instead of after DeepSpeed's start-up: the
+    data folder, its splits and shards, and the model's arguments (the model is built on the meta device: no
+    memory, no weights)."""
+    num_classes = num_classes_for(cfg, read_info(cfg.data.dir))
+    for split in (cfg.data.train_split, cfg.data.val_split):
+        check_split(cfg.data.dir, split)
+    with torch.device("meta"):
+        create_model(cfg, num_classes)
 
 
 def run(cfg: TrainConfig, run_dir: str) -> int:
@@ -199,7 +221,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         cfg = load_config(args.config, args.overrides)
         stem = os.path.splitext(os.path.basename(args.config))[0]
         cfg.run_dir = args.run_dir or cfg.run_dir or os.path.join("runs", stem)
+        preflight(cfg)
         return run(cfg, cfg.run_dir)
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
+        return EXIT_BAD_CONFIG
+    except DataError as exc:
+        print(f"data error: {exc}", file=sys.stderr)
         return EXIT_BAD_CONFIG
