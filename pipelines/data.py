@@ -146,9 +146,10 @@ def tar_end_ok(f) -> bool:
     return not f.read(TAR_END).strip(b"\0")
 
 
-def check_split(data_dir: str, split: str) -> None:
-    """Fails (``DataError``) when the split, its ``_info.json`` or one of its shards is missing."""
-    _split_shards(data_dir, split, check_ends=False)
+def check_split(data_dir: str, split: str) -> int:
+    """The number of shards of a split; fails (``DataError``) when the split, its ``_info.json`` or one of its
+    shards is missing."""
+    return len(_split_shards(data_dir, split, check_ends=False)[0])
 
 
 def _split_shards(data_dir: str, split: str, *, check_ends: bool = True) -> tuple[list[str], dict[str, int], int]:

@@ -20,11 +20,12 @@ import torch.distributed as dist
 from timm.utils import ModelEmaV3, distribute_bn
 
 import models  # noqa: F401  (registers mrconvnext_* in timm)
-from pipelines.data import COUNT_KEYS, DataError, check_split, create_eval_loader, create_train_loader, read_info
+from pipelines.data import (COUNT_KEYS, DataError, check_readers, check_split, create_eval_loader,
+                            create_train_loader, read_info)
 from train import checkpoint as ckpt
 from train.config import (ConfigError, TrainConfig, load_config, model_kwarg_hint, plan_batches, scaled_lr,
                           write_config)
-from train.distributed import init_distributed
+from train.distributed import init_distributed, world_info_from_env
 from train.engine import autocast_dtype, create_engine, deepspeed_config
 from train.evaluate import evaluate
 from train.logger import RunLogger, alpha_energy, setup_logging
@@ -73,11 +74,14 @@ def create_model(cfg: TrainConfig, num_classes: int) -> torch.nn.Module:
 
 def preflight(cfg: TrainConfig) -> None:
     """The mistakes that need no process group, found in seconds instead of after DeepSpeed's start-up: the
-    data folder, its splits and shards, and the model's arguments (the model is built on the meta device: no
-    memory, no weights)."""
+    data folder, its splits and shards (and enough of them for the readers), and the model's arguments (the
+    model is built on the meta device: no memory, no weights)."""
     num_classes = num_classes_for(cfg, read_info(cfg.data.dir))
-    for split in (cfg.data.train_split, cfg.data.val_split):
-        check_split(cfg.data.dir, split)
+    train_shards = check_split(cfg.data.dir, cfg.data.train_split)
+    check_split(cfg.data.dir, cfg.data.val_split)
+    if not cfg.data.resampled:
+        check_readers(cfg.data.dir, cfg.data.train_split, train_shards, world_info_from_env().world_size,
+                      cfg.data.num_workers)
     with torch.device("meta"):
         create_model(cfg, num_classes)
 
