@@ -223,3 +223,37 @@ def test_a_shard_with_no_decodable_sample_is_given_up_after_one_pass(tmp_path, c
     with pytest.raises(RuntimeError, match="no decodable sample in the shards of train worker 0.*train-000001"):
         list(bad)
     assert len(caplog.records) <= data.WARN_LIMIT + 1
+
+
+@pytest.mark.slow
+def test_trainer_reports_bad_data_in_epoch_line_summary_and_tensorboard(tmp_path):
+    """A real single-process run: an all-corrupt train shard and a validation shard cut short are counted in the
+    epoch line, summary.json and TensorBoard, not only in warnings."""
+    import subprocess
+    import sys
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    shards_dir, run_dir = tmp_path / "wds", tmp_path / "run"
+    write_split(shards_dir, "train", [8] * 4, corrupt={(1, i) for i in range(8)}, num_classes=10)
+    write_split(shards_dir, "validation", [8] * 2, num_classes=10)
+    cut_at_member_boundary(shards_dir / "validation-000001.tar", 4)
+    sets = [f"data.dir={shards_dir}", "data.num_workers=0", "data.batch_size=8", "data.img_size=32",
+            "model.kwargs.img_size=32", "model.kwargs.depths=[1,1,1,1]", "schedule.epochs=1",
+            "schedule.warmup_epochs=0", "logging.progress_bar=false", "deepspeed.precision=fp32",
+            "data.shuffle_buffer=0"]  # no buffer: every corrupt sample reaches decoding before the quota
+    proc = subprocess.run([sys.executable, "-m", "train", "--config", "fashion_mnist", "--run-dir", str(run_dir),
+                           *[a for s in sets for a in ("--set", s)]], cwd=os.path.dirname(os.path.dirname(
+                               os.path.abspath(__file__))), env=dict(os.environ, OMP_NUM_THREADS="1"),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    epoch_line = next(line for line in proc.stderr.splitlines() if "epoch 1/1" in line)
+    assert ("bad data: train corrupt_skipped 8, train shards_given_up 1, val short_samples 4" in epoch_line)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["train_bad_data_this_start"] == {"corrupt_skipped": 8, "shard_read_errors": 0,
+                                                    "short_samples": 0, "shards_given_up": 1}
+    assert summary["metrics"]["val/short_samples"] == 4 and summary["metrics"]["val/count"] == 12
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    assert [e.value for e in events.Scalars("data/train_corrupt_skipped")] == [8]
+    assert [e.value for e in events.Scalars("val/short_samples")] == [4]
