@@ -263,12 +263,12 @@ def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = Non
         _set_dotted(raw, key, value)
     cfg = _build(TrainConfig, raw, "")
     check_static(cfg)
-    check_model_name(cfg.model.name)
     return cfg
 
 
 def check_model_name(name: str) -> None:
-    """An unknown model fails here, before any process group or DeepSpeed starts, naming the closest one."""
+    """An unknown model fails with the closest names. Not part of ``load_config``: it imports timm (and torch),
+    which ``slurm.submit`` must not."""
     import timm
 
     import models  # noqa: F401  (registers mrconvnext_*)

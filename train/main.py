@@ -23,8 +23,8 @@ import models  # noqa: F401  (registers mrconvnext_* in timm)
 from pipelines.data import (COUNT_KEYS, DataError, check_readers, check_split, create_eval_loader,
                             create_train_loader, read_info)
 from train import checkpoint as ckpt
-from train.config import (ConfigError, TrainConfig, load_config, model_kwarg_hint, plan_batches, scaled_lr,
-                          write_config)
+from train.config import (ConfigError, TrainConfig, check_model_name, load_config, model_kwarg_hint, plan_batches,
+                          scaled_lr, write_config)
 from train.distributed import init_distributed, world_info_from_env
 from train.engine import autocast_dtype, create_engine, deepspeed_config
 from train.evaluate import evaluate
@@ -74,8 +74,9 @@ def create_model(cfg: TrainConfig, num_classes: int) -> torch.nn.Module:
 
 def preflight(cfg: TrainConfig) -> None:
     """The mistakes that need no process group, found in seconds instead of after DeepSpeed's start-up: the
-    data folder, its splits and shards (and enough of them for the readers), and the model's arguments (the
-    model is built on the meta device: no memory, no weights)."""
+    model's name, the data folder, its splits and shards (and enough of them for the readers), and the model's
+    arguments (the model is built on the meta device: no memory, no weights)."""
+    check_model_name(cfg.model.name)
     num_classes = num_classes_for(cfg, read_info(cfg.data.dir))
     train_shards = check_split(cfg.data.dir, cfg.data.train_split)
     check_split(cfg.data.dir, cfg.data.val_split)
