@@ -14,7 +14,7 @@ Bad data is skipped and counted: a corrupt sample (bad image bytes, no image mem
 cut short), a shard that ends before the sample count ``_info.json`` lists for it (cut at a member boundary,
 where the tar reader sees a clean end), and a shard given up because not one of its samples decodes (a train
 worker re-reads its shards to fill its quota: such a shard is read once, not again; a worker left with no
-decodable shard fails). The counts ride along with the batches to the main process, so ``ShardLoader.stats`` is
+decodable shard fails with a one-line ``DataError``). The counts ride along with the batches to the main process, so ``ShardLoader.stats`` is
 exact for this rank. Each worker logs its first ``WARN_LIMIT`` problems of an epoch one by one, then one line
 saying the rest are only counted, so a bad shard cannot flood the log. A missing ``_info.json``, split or shard,
 or too few shards for the readers fail (``DataError``) in ``create_*_loader``, before any worker starts; shards
@@ -292,12 +292,12 @@ class _ShardStream(IterableDataset):
                                  worker_id)
             candidates = itertools.chain.from_iterable(itertools.repeat(pool))
         if not pool:
-            raise RuntimeError(f"train worker {worker_id} on rank {self.rank} has no shard to read")
+            raise DataError(f"train worker {worker_id} on rank {self.rank} has no shard to read")
         for url in candidates:
             if self._judged.get(url, True):
                 yield url
             elif all(self._judged.get(u) is False for u in pool):
-                raise RuntimeError(f"no decodable sample in the shards of train worker {worker_id} on rank "
+                raise DataError(f"no decodable sample in the shards of train worker {worker_id} on rank "
                                    f"{self.rank} ({', '.join(map(os.path.basename, pool))}): rewrite them with "
                                    f"python -m pipelines.shards")
 
@@ -422,16 +422,23 @@ class ShardLoader:
             raise RuntimeError("call loader.set_epoch(epoch) before iterating a train ShardLoader")
         loader = DataLoader(self._stream, batch_size=None, num_workers=self._num_workers,
                             persistent_workers=False)
-        for images, targets, counts in loader:
-            for key, count in zip(COUNT_KEYS, counts):
-                self._counts[key] += int(count)
-            if images is None:
-                continue
-            if self._mixup_fn is not None:
-                images, targets = self._mixup_fn(images, targets)
-            elif self._soft_target_fn is not None:
-                targets = self._soft_target_fn(targets)
-            yield images, targets
+        try:
+            for images, targets, counts in loader:
+                for key, count in zip(COUNT_KEYS, counts):
+                    self._counts[key] += int(count)
+                if images is None:
+                    continue
+                if self._mixup_fn is not None:
+                    images, targets = self._mixup_fn(images, targets)
+                elif self._soft_target_fn is not None:
+                    targets = self._soft_target_fn(targets)
+                yield images, targets
+        except DataError as exc:
+            lines = str(exc).strip().splitlines()
+            if len(lines) == 1:
+                raise
+            # re-raised from a worker process with the worker's traceback in the message: keep its last line
+            raise DataError(lines[-1].removeprefix(f"{DataError.__module__}.DataError: ")) from None
 
 
 def create_train_loader(data_dir: str, split: str = "train", *, batch_size: int, img_size: int, num_classes: int,
