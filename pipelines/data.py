@@ -14,11 +14,12 @@ Bad data is skipped and counted: a corrupt sample (bad image bytes, no image mem
 cut short), a shard that ends before the sample count ``_info.json`` lists for it (cut at a member boundary,
 where the tar reader sees a clean end), and a shard given up because not one of its samples decodes (a train
 worker re-reads its shards to fill its quota: such a shard is read once, not again; a worker left with no
-decodable shard fails with a one-line ``DataError``). The counts ride along with the batches to the main process, so ``ShardLoader.stats`` is
-exact for this rank. Each worker logs its first ``WARN_LIMIT`` problems of an epoch one by one, then one line
-saying the rest are only counted, so a bad shard cannot flood the log. A missing ``_info.json``, split or shard,
-or too few shards for the readers fail (``DataError``) in ``create_*_loader``, before any worker starts; shards
-that do not end like a complete tar are named there in a warning.
+decodable shard fails with a one-line ``DataError``). The counts ride along with the batches to the main
+process, so ``ShardLoader.stats`` is exact for this rank. Each worker logs its first ``WARN_LIMIT`` problems of
+an epoch one by one, then one line saying the rest are only counted, so a bad shard cannot flood the log. A
+missing ``_info.json``, split or shard, or too few shards for the readers fail (``DataError``) in
+``create_*_loader``, before any worker starts; shards that do not end like a complete tar are named there in a
+warning.
 """
 from __future__ import annotations
 
