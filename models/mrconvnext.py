@@ -122,17 +122,22 @@ def check_state_dict(model: MRConvNeXt, state_dict: Mapping[str, torch.Tensor], 
     if not model.inference_mode and fused_ckpt and not branch_ckpt:
         raise ValueError("checkpoint holds the fused (reparameterized) form but the model was built for training: "
                          "build it with inference_mode=True")
+    details = state_dict_mismatch(own, state_dict)
+    if details:
+        raise ValueError(f"checkpoint is for a different model than {_model_name(model)!r} "
+                         f"({model.kernel_type}, img_size {model.img_size}): {details}")
+
+
+def state_dict_mismatch(own: Mapping[str, torch.Tensor], state_dict: Mapping[str, torch.Tensor]) -> str:
+    """How a checkpoint's keys and shapes differ from a model's, in one line ('' when they fit)."""
     missing = [k for k in own if k not in state_dict]
     unexpected = [k for k in state_dict if k not in own]
     shapes = [f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(v.shape)}"
               for k, v in own.items() if k in state_dict and tuple(state_dict[k].shape) != tuple(v.shape)]
-    if missing or unexpected or shapes:
-        details = "; ".join(filter(None, [
-            f"{len(missing)} missing (e.g. {missing[0]})" if missing else "",
-            f"{len(unexpected)} unexpected (e.g. {unexpected[0]})" if unexpected else "",
-            f"{len(shapes)} with other shapes (e.g. {shapes[0]})" if shapes else ""]))
-        raise ValueError(f"checkpoint is for a different model than {_model_name(model)!r} "
-                         f"({model.kernel_type}, img_size {model.img_size}): {details}")
+    return "; ".join(filter(None, [
+        f"{len(missing)} missing (e.g. {missing[0]})" if missing else "",
+        f"{len(unexpected)} unexpected (e.g. {unexpected[0]})" if unexpected else "",
+        f"{len(shapes)} with other shapes (e.g. {shapes[0]})" if shapes else ""]))
 
 
 def _model_name(model: MRConvNeXt) -> str:

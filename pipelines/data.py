@@ -10,13 +10,21 @@ a fixed number of batches (it re-reads its own shards when they run short), so e
 Eval: shards are dealt to global workers in order, no shuffle, no padding: across any number of ranks and
 workers every sample is read exactly once; each worker keeps its last partial batch.
 
-A corrupt sample (bad image bytes, a truncated tar member) is logged with its shard and key, skipped and
-counted; the counts ride along with the batches to the main process, so ``ShardLoader.stats`` is exact for this
-rank. A missing or unreadable shard, or too few shards for the readers, fails in ``create_*_loader``.
+Bad data is skipped and counted: a corrupt sample (bad image bytes, no image member), a tar read error (a member
+cut short), a shard that ends before the sample count ``_info.json`` lists for it (cut at a member boundary,
+where the tar reader sees a clean end), and a shard given up because not one of its samples decodes (a train
+worker re-reads its shards to fill its quota: such a shard is read once, not again; a worker left with no
+decodable shard fails with a one-line ``DataError``). The counts ride along with the batches to the main
+process, so ``ShardLoader.stats`` is exact for this rank. Each worker logs its first ``WARN_LIMIT`` problems of
+an epoch one by one, then one line saying the rest are only counted, so a bad shard cannot flood the log. A
+missing ``_info.json``, split or shard, or too few shards for the readers fail (``DataError``) in
+``create_*_loader``, before any worker starts; shards that do not end like a complete tar are named there in a
+warning.
 """
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import logging
 import math
@@ -36,6 +44,13 @@ _logger = logging.getLogger(__name__)
 
 INFO_NAME = "_info.json"
 IMAGE_KEYS = ("jpg", "png", "webp")
+TAR_END = 2 * 512  # a complete tar ends with two zero blocks (then zero padding to a whole record)
+WARN_LIMIT = 10  # problems each worker logs one by one per epoch; the rest are counted
+COUNT_KEYS = ("corrupt_skipped", "shard_read_errors", "short_samples", "shards_given_up")
+
+
+class DataError(ValueError):
+    """A shard folder that cannot be read as asked; the message names the file and the fix."""
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -91,10 +106,11 @@ def eval_batches(shard_lengths: dict[str, int], shards: Sequence[str], batch_siz
 def check_readers(data_dir: str, split: str, num_shards: int, world_size: int, num_workers: int) -> None:
     readers = num_readers(world_size, num_workers)
     if num_shards < readers:
-        raise ValueError(
+        raise DataError(
             f"{data_dir} split {split!r} has {num_shards} shards but {world_size} ranks x {max(1, num_workers)} "
             f"workers = {readers} readers need at least {readers}: re-shard with a smaller --shard-size "
-            f"(python -m pipelines.shards ... --shard-size N), lower num_workers, or set resampled=True")
+            f"(python -m pipelines.shards ... --shard-size N), lower data.num_workers, or draw shards with "
+            f"replacement: --set data.resampled=true")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -105,35 +121,64 @@ def read_info(data_dir: str) -> dict:
     """The parsed ``_info.json`` of a shard folder."""
     path = os.path.join(data_dir, INFO_NAME)
     if not os.path.isfile(path):
-        raise FileNotFoundError(
+        raise DataError(
             f"{path} not found: {data_dir} holds no shards written by pipelines.shards; create them with "
             f"'python -m pipelines.shards imagefolder SRC {data_dir}' or "
             f"'python -m pipelines.shards fashion-mnist SRC {data_dir}'")
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path) as f:
+            info = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{path} is unreadable ({exc}); re-run python -m pipelines.shards on {data_dir}") from None
+    if not isinstance(info, dict):
+        raise DataError(f"{path} is not a shard folder's _info.json; re-run python -m pipelines.shards on "
+                        f"{data_dir}")
+    return info
 
 
-def _split_shards(data_dir: str, split: str) -> tuple[list[str], dict[str, int], int]:
-    """(shard paths, samples per shard path, samples in the split); every shard checked readable."""
+def tar_end_ok(f) -> bool:
+    """Whether an open tar file ends like a complete archive (two zero blocks): one seek and one small read,
+    so every shard of ImageNet is checked at start. A tar cut at a member boundary fails it; the tar reader
+    would see a clean end there and read the shard short without a word."""
+    size = os.fstat(f.fileno()).st_size
+    if size < 512 + TAR_END or size % 512:
+        return False
+    f.seek(size - TAR_END)
+    return not f.read(TAR_END).strip(b"\0")
+
+
+def check_split(data_dir: str, split: str) -> int:
+    """The number of shards of a split; fails (``DataError``) when the split, its ``_info.json`` or one of its
+    shards is missing."""
+    return len(_split_shards(data_dir, split, check_ends=False)[0])
+
+
+def _split_shards(data_dir: str, split: str, *, check_ends: bool = True) -> tuple[list[str], dict[str, int], int]:
+    """(shard paths, samples per shard path, samples in the split); every shard checked there and, with
+    ``check_ends``, checked to end like a complete tar (a warning names those that do not)."""
     info = read_info(data_dir)
     splits = info.get("splits", {})
     if split not in splits:
-        raise KeyError(f"split {split!r} not in {os.path.join(data_dir, INFO_NAME)} (has {sorted(splits)}); "
-                       f"write it with python -m pipelines.shards ... --split {split}")
+        raise DataError(f"split {split!r} not in {os.path.join(data_dir, INFO_NAME)} (has {sorted(splits)}); "
+                        f"write it with python -m pipelines.shards ... --split {split}")
     entry = splits[split]
     shards = [os.path.join(data_dir, name) for name in entry["filenames"]]
     if not shards:
-        raise ValueError(f"{data_dir} split {split!r} has no shards")
+        raise DataError(f"{data_dir} split {split!r} has no shards")
+    cut = []
     for path in shards:
         try:
             with open(path, "rb") as f:
-                header = f.read(512)
+                if check_ends and not tar_end_ok(f):
+                    cut.append(os.path.basename(path))
         except OSError as exc:
-            raise FileNotFoundError(f"shard {path} of split {split!r} is missing or unreadable ({exc}); re-run "
-                                    f"python -m pipelines.shards on {data_dir} to rewrite it") from None
-        if len(header) < 512:
-            raise ValueError(f"shard {path} of split {split!r} is truncated ({len(header)} bytes); re-run "
-                             f"python -m pipelines.shards on {data_dir} to rewrite it")
+            raise DataError(f"shard {path} of split {split!r} is missing or unreadable ({exc.strerror}); re-run "
+                            f"python -m pipelines.shards on {data_dir} to rewrite it") from None
+    if cut:
+        shown = ", ".join(cut[:3]) + (f" and {len(cut) - 3} more" if len(cut) > 3 else "")
+        _logger.warning(f"{len(cut)} shard(s) of {data_dir} split {split!r} do not end like a complete tar (cut "
+                        f"short): {shown}; their samples up to the cut are read and the missing ones counted as "
+                        f"short_samples; re-run python -m pipelines.shards on {data_dir} to rewrite them")
     return shards, dict(zip(shards, entry["shard_lengths"])), int(entry["num_samples"])
 
 
@@ -180,7 +225,7 @@ def train_transform(img_size: int, *, in_chans: int = 3, auto_augment: str | Non
 
 
 class _ShardStream(IterableDataset):
-    """Yields (images, targets, (corrupt samples, shard read errors) since the last yield) for one epoch."""
+    """Yields (images, targets, counts of bad data since the last yield, in ``COUNT_KEYS`` order) for one epoch."""
 
     def __init__(self, shards: list[str], shard_lengths: dict[str, int], *, train: bool, batch_size: int,
                  transform, image_mode: str, rank: int, world_size: int, num_workers: int, seed: int = 0,
@@ -191,52 +236,76 @@ class _ShardStream(IterableDataset):
         self.rank, self.world_size, self.num_workers, self.seed = rank, world_size, num_workers, seed
         self.rank_batches, self.resampled, self.shuffle_buffer = rank_batches, resampled, shuffle_buffer
         self.epoch = 0
-        self._skipped = 0
-        self._shard_errors = 0
-        self._read_count = 0
-        self._bad_run = 0
+        self._reset()
+
+    def _reset(self) -> None:
+        """Per worker and epoch: counts since the last batch, the warning budget, the shards already judged."""
+        self._counts = dict.fromkeys(COUNT_KEYS, 0)
+        self._warnings = 0
+        self._judged: dict[str, bool] = {}  # shard -> holds a decodable sample (train: judged on its first read)
+
+    def _warn(self, msg: str, *args) -> None:
+        self._warnings += 1
+        if self._warnings <= WARN_LIMIT:
+            _logger.warning(msg, *args)
+        if self._warnings == WARN_LIMIT:
+            _logger.warning("%d data problems in this worker this epoch: further ones are counted (the epoch "
+                            "line's data counts), not logged", WARN_LIMIT)
 
     def _handler(self, exc: Exception) -> bool:
-        self._shard_errors += 1
-        _logger.warning("skipping unreadable shard data: %r", exc)
+        self._counts["shard_read_errors"] += 1
+        self._warn("skipping unreadable shard data: %r", exc)
         return True
+
+    def _decode(self, sample: dict) -> tuple[Image.Image, int]:
+        data = next((sample[k] for k in IMAGE_KEYS if k in sample), None)
+        if data is None:
+            raise ValueError(f"no image member ({'/'.join(IMAGE_KEYS)}); has {sorted(sample)}")
+        target = int(sample["cls"])
+        with Image.open(io.BytesIO(data)) as img:
+            return img.convert(self.image_mode), target  # decodes: bad or truncated bytes raise here
 
     def _decoded(self, samples) -> Iterator[tuple[torch.Tensor, int]]:
         for sample in samples:
             try:
-                data = next((sample[k] for k in IMAGE_KEYS if k in sample), None)
-                if data is None:
-                    raise ValueError(f"no image member ({'/'.join(IMAGE_KEYS)}); has {sorted(sample)}")
-                target = int(sample["cls"])
-                with Image.open(io.BytesIO(data)) as img:
-                    img = img.convert(self.image_mode)  # decodes: bad or truncated bytes raise here
+                img, target = self._decode(sample)
             except Exception as exc:  # PIL raises many types for bad bytes
-                self._skipped += 1
-                self._bad_run += 1
-                _logger.warning("skipping corrupt sample %s in %s: %r", sample.get("__key__"),
-                                sample.get("__url__"), exc)
-                if self._bad_run > 10_000:  # a train worker re-reads its shards: do not spin on all-bad data
-                    raise RuntimeError(f"10,000 corrupt samples in a row, the last in {sample.get('__url__')}")
+                self._counts["corrupt_skipped"] += 1
+                self._warn("skipping corrupt sample %s in %s: %r", sample.get("__key__"), sample.get("__url__"), exc)
                 continue
-            self._bad_run = 0
             yield self.transform(img), target  # a transform error is a bug, not bad data: it raises
+
+    def _decodable(self, samples: list[dict]) -> bool:
+        for sample in samples:
+            try:
+                self._decode(sample)
+                return True
+            except Exception:  # counted and logged when the sample itself reaches _decoded
+                pass
+        return False
 
     def _train_shards(self, worker_id: int) -> Iterator[str]:
         if self.resampled:
-            yield from resample_shards(self.shards, self.epoch, self.seed, self.rank, worker_id)
-            return
-        mine = assign_shards(self.shards, self.epoch, self.seed, self.rank, self.world_size, self.num_workers,
-                             worker_id)
-        while True:  # re-read own shards when they hold fewer samples than this worker's batch quota
-            before = self._read_count
-            yield from mine
-            if self._read_count == before:
-                raise RuntimeError(f"shards {mine} hold no readable sample")
+            pool = self.shards
+            candidates = resample_shards(pool, self.epoch, self.seed, self.rank, worker_id)
+        else:  # own shards, re-read when they hold fewer samples than this worker's batch quota
+            pool = assign_shards(self.shards, self.epoch, self.seed, self.rank, self.world_size, self.num_workers,
+                                 worker_id)
+            candidates = itertools.chain.from_iterable(itertools.repeat(pool))
+        if not pool:
+            raise DataError(f"train worker {worker_id} on rank {self.rank} has no shard to read")
+        for url in candidates:
+            if self._judged.get(url, True):
+                yield url
+            elif all(self._judged.get(u) is False for u in pool):
+                raise DataError(f"no decodable sample in the shards of train worker {worker_id} on rank "
+                                   f"{self.rank} ({', '.join(map(os.path.basename, pool))}): rewrite them with "
+                                   f"python -m pipelines.shards")
 
     def __iter__(self):
         info = get_worker_info()
         worker_id = info.id if info is not None else 0
-        self._skipped = self._shard_errors = 0
+        self._reset()
         if self.train:
             if info is not None:  # augmentation randomness is per (seed, epoch, rank, worker), like the order
                 state = random.Random(f"augment:{self.seed}:{self.epoch}:{self.rank}:{worker_id}").getrandbits(32)
@@ -244,7 +313,7 @@ class _ShardStream(IterableDataset):
                 np.random.seed(state)
                 torch.manual_seed(state)
             quota = batches_per_worker(self.rank_batches, self.num_workers, worker_id)
-            samples = self._read(self._train_shards(worker_id))
+            samples = self._read(self._train_shards(worker_id), judge=True)
             if self.shuffle_buffer > 1:  # shuffles encoded bytes: samples left in the buffer cost no decode
                 rng = random.Random(f"samples:{self.seed}:{self.epoch}:{self.rank}:{worker_id}")
                 samples = wds.shuffle(self.shuffle_buffer, min(self.shuffle_buffer, 100), rng=rng)(samples)
@@ -252,12 +321,35 @@ class _ShardStream(IterableDataset):
         else:
             mine = assign_shards(self.shards, 0, 0, self.rank, self.world_size, self.num_workers, worker_id,
                                  shuffle=False)
-            yield from self._batches(self._decoded(self._read(iter(mine))), None)
+            yield from self._batches(self._decoded(self._read(iter(mine), judge=False)), None)
 
-    def _read(self, shard_iter) -> Iterator[dict]:
-        for sample in wds.tarfile_to_samples(handler=self._handler)({"url": url} for url in shard_iter):
-            self._read_count += 1
-            yield sample
+    def _read(self, shard_iter, *, judge: bool) -> Iterator[dict]:
+        """The samples of each shard in turn, each shard's count checked against ``_info.json``. With ``judge``,
+        a shard read for the first time is held until one of its samples decodes (usually its first: one extra
+        decode per shard); a shard with none is given up, never read again."""
+        for url in shard_iter:
+            read, held = 0, []
+            for sample in wds.tarfile_to_samples(handler=self._handler)([{"url": url}]):
+                read += 1
+                if judge and url not in self._judged:
+                    held.append(sample)
+                    if not self._decodable(held[-1:]):
+                        continue
+                    self._judged[url] = True
+                    yield from held
+                    held = []
+                    continue
+                yield sample
+            expected = self.shard_lengths.get(url)
+            if expected is not None and read < expected:
+                self._counts["short_samples"] += expected - read
+                self._warn("shard %s ended after %d of its %d samples (_info.json shard_lengths): cut short; "
+                           "rewrite it with python -m pipelines.shards", url, read, expected)
+            if judge and url not in self._judged:
+                self._judged[url] = False
+                self._counts["shards_given_up"] += 1
+                self._warn("giving up on shard %s: none of its %d samples decodes", url, read)
+                yield from held  # counted and logged as corrupt, once
 
     def _batches(self, samples, quota: int | None):
         images: list[torch.Tensor] = []
@@ -276,15 +368,15 @@ class _ShardStream(IterableDataset):
                     return
         if images:  # eval keeps its last partial batch; a train stream is endless
             yield self._collate(images, targets)
-        elif self._skipped or self._shard_errors:
+        elif any(self._counts.values()):
             yield None, None, self._pop_counts()
 
     def _collate(self, images, targets):
         return torch.stack(images), torch.tensor(targets, dtype=torch.int64), self._pop_counts()
 
-    def _pop_counts(self) -> tuple[int, int]:
-        counts = (self._skipped, self._shard_errors)
-        self._skipped = self._shard_errors = 0
+    def _pop_counts(self) -> tuple[int, ...]:
+        counts = tuple(self._counts[k] for k in COUNT_KEYS)
+        self._counts = dict.fromkeys(COUNT_KEYS, 0)
         return counts
 
 
@@ -297,9 +389,11 @@ class ShardLoader:
 
     ``len(loader)``: batches per epoch on this rank (train: the same on every rank; eval: an upper bound that
     is exact unless corrupt samples are skipped). ``stats``: {"corrupt_skipped": samples dropped for bad bytes
-    or missing members, "shard_read_errors": tar read errors (a truncated member ends its shard's reading)},
-    accumulated over the iterations of this loader and exact for this rank: the counts travel with the
-    batches from the workers (sum them across ranks for a global count)."""
+    or missing members, "shard_read_errors": tar read errors (a truncated member ends its shard's reading),
+    "short_samples": samples missing from shards that ended before their ``_info.json`` length,
+    "shards_given_up": shards with no decodable sample, not re-read}, accumulated over the iterations of this
+    loader and exact for this rank: the counts travel with the batches from the workers (sum them across ranks
+    for a global count)."""
 
     def __init__(self, stream: _ShardStream, *, num_workers: int, num_batches: int, num_samples: int,
                  require_epoch: bool, mixup_fn=None, soft_target_fn=None):
@@ -310,8 +404,7 @@ class ShardLoader:
         self._epoch_set = False
         self._mixup_fn = mixup_fn
         self._soft_target_fn = soft_target_fn
-        self._corrupt = 0
-        self._shard_errors = 0
+        self._counts = dict.fromkeys(COUNT_KEYS, 0)
         self.num_samples = num_samples
 
     def set_epoch(self, epoch: int) -> None:
@@ -320,7 +413,7 @@ class ShardLoader:
 
     @property
     def stats(self) -> dict:
-        return {"corrupt_skipped": self._corrupt, "shard_read_errors": self._shard_errors}
+        return dict(self._counts)
 
     def __len__(self) -> int:
         return self._num_batches
@@ -330,16 +423,23 @@ class ShardLoader:
             raise RuntimeError("call loader.set_epoch(epoch) before iterating a train ShardLoader")
         loader = DataLoader(self._stream, batch_size=None, num_workers=self._num_workers,
                             persistent_workers=False)
-        for images, targets, (corrupt, shard_errors) in loader:
-            self._corrupt += int(corrupt)
-            self._shard_errors += int(shard_errors)
-            if images is None:
-                continue
-            if self._mixup_fn is not None:
-                images, targets = self._mixup_fn(images, targets)
-            elif self._soft_target_fn is not None:
-                targets = self._soft_target_fn(targets)
-            yield images, targets
+        try:
+            for images, targets, counts in loader:
+                for key, count in zip(COUNT_KEYS, counts):
+                    self._counts[key] += int(count)
+                if images is None:
+                    continue
+                if self._mixup_fn is not None:
+                    images, targets = self._mixup_fn(images, targets)
+                elif self._soft_target_fn is not None:
+                    targets = self._soft_target_fn(targets)
+                yield images, targets
+        except DataError as exc:
+            lines = str(exc).strip().splitlines()
+            if len(lines) == 1:
+                raise
+            # re-raised from a worker process with the worker's traceback in the message: keep its last line
+            raise DataError(lines[-1].removeprefix(f"{DataError.__module__}.DataError: ")) from None
 
 
 def create_train_loader(data_dir: str, split: str = "train", *, batch_size: int, img_size: int, num_classes: int,
@@ -352,18 +452,20 @@ def create_train_loader(data_dir: str, split: str = "train", *, batch_size: int,
     """Training loader for ``rank`` of ``world_size``; fails here (not mid-epoch) on missing shards or too few."""
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} outside world size {world_size}")
+    if num_workers < 0:
+        raise DataError(f"num_workers must be >= 0, got {num_workers}")
     if (mixup > 0 or cutmix > 0) and batch_size % 2:
-        raise ValueError(f"mixup/cutmix mix a batch with its flipped self and need an even batch size, "
+        raise DataError(f"mixup/cutmix mix a batch with its flipped self and need an even batch size, "
                          f"got {batch_size}")
     shards, lengths, num_samples = _split_shards(data_dir, split)
     classes = read_info(data_dir).get("classes")
     if classes is not None and len(classes) > num_classes:
-        raise ValueError(f"{data_dir} has {len(classes)} classes but num_classes={num_classes}")
+        raise DataError(f"{data_dir} has {len(classes)} classes but num_classes={num_classes}")
     if not resampled:
         check_readers(data_dir, split, len(shards), world_size, num_workers)
     rank_batches = batches_per_rank(num_samples, batch_size, world_size)
     if rank_batches == 0:
-        raise ValueError(f"{data_dir} split {split!r} has {num_samples} samples, fewer than one batch of "
+        raise DataError(f"{data_dir} split {split!r} has {num_samples} samples, fewer than one batch of "
                          f"{batch_size} on each of {world_size} ranks")
     transform = train_transform(img_size, in_chans=in_chans, auto_augment=auto_augment, re_prob=re_prob,
                                 hflip=hflip, scale=scale, interpolation=interpolation, mean=mean, std=std)
@@ -391,6 +493,8 @@ def create_eval_loader(data_dir: str, split: str = "validation", *, batch_size: 
     without a shard yield nothing."""
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} outside world size {world_size}")
+    if num_workers < 0:
+        raise DataError(f"num_workers must be >= 0, got {num_workers}")
     shards, lengths, num_samples = _split_shards(data_dir, split)
     mean, std = _mean_std(mean, std, in_chans)
     transform = create_transform(img_size, is_training=False, crop_pct=crop_pct, interpolation=interpolation,

@@ -10,7 +10,9 @@ keys possibly prefixed ``module.``), in the training form or the fused form (``-
 model to load a fused checkpoint; ``--reparam`` folds a training-form model before evaluating). When the
 checkpoint has the side file that ``python -m train.export`` writes (``OUT.json``), its model kwargs, classes,
 channels and preprocessing are the defaults; otherwise ``num_classes`` comes from the data's ``_info.json`` and the
-preprocessing from the model's pretrained config. Command-line options win over both.
+preprocessing from the model's pretrained config. Command-line options win over both, except the model: a
+``--model`` other than the one the side file names is refused. A user's mistake (a missing file, a checkpoint of
+another model or form, a file that is not a plain state dict) ends with one line on stderr and exit code 2.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ import contextlib
 import csv
 import json
 import os
+import pickle
 import sys
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
@@ -32,6 +35,10 @@ STATE_DICT_KEYS = ("state_dict", "model", "module")
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+class UsageError(Exception):
+    """A mistake of the command's user: ``main`` prints it as one line and exits with 2."""
+
+
 # ----------------------------------------------------------------------------------------------------------
 # checkpoints and models
 
@@ -41,12 +48,18 @@ def read_state_dict(path: str) -> dict[str, torch.Tensor]:
     ``module.`` prefixes of DDP/DeepSpeed wrappers removed)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path} not found")
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
 
-        state: Any = load_file(path, device="cpu")
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+            state: Any = load_file(path, device="cpu")
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise ValueError(f"{path} holds Python objects besides tensors: refused, since loading them could run "
+                         f"code from the file (export plain weights with python -m train.export)") from None
+    except (OSError, RuntimeError) as exc:  # torch and safetensors say 'not a checkpoint' this way
+        raise ValueError(f"{path} is not a readable checkpoint ({str(exc).splitlines()[0]})") from None
     for key in STATE_DICT_KEYS:
         if isinstance(state, Mapping) and isinstance(state.get(key), Mapping):
             state = state[key]
@@ -108,7 +121,13 @@ def load_model(name: str, checkpoint: str | Mapping[str, torch.Tensor], *,
         if value is not None:
             kwargs.setdefault(key, value)
     model = timm.create_model(name, **kwargs)
-    model.load_state_dict(state, strict=True)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:  # torch lists every key on many lines; MRConvNeXt models raise one-line ValueErrors
+        from models.mrconvnext import state_dict_mismatch
+
+        details = state_dict_mismatch(model.state_dict(), state) or str(exc).splitlines()[0]
+        raise ValueError(f"checkpoint is for a different model than {name!r}: {details}") from None
     return model.eval()
 
 
@@ -195,13 +214,17 @@ def resolve_settings(args: argparse.Namespace, data_info: Mapping[str, Any],
     """Command line > the export side file > the data's classes / the checkpoint's first conv / the model's
     pretrained config."""
     side = export_info(args.checkpoint)
+    if side and side["model"].split(".")[0] != args.model.split(".")[0]:
+        raise UsageError(f"{args.checkpoint} holds {side['model']} weights (its export side file "
+                         f"{os.path.splitext(args.checkpoint)[0]}.json says so), not {args.model}: evaluate it with "
+                         f"--model {side['model']}")
     kwargs = dict(side.get("kwargs") or {})
     kwargs.update(json.loads(args.model_kwargs) if args.model_kwargs else {})
     kwargs.pop("num_classes", None)
     classes = data_info.get("classes")
     num_classes = _first(args.num_classes, side.get("num_classes"), len(classes) if classes else None)
     if not num_classes:
-        raise ValueError(f"{args.data}/_info.json lists no classes: give --num-classes")
+        raise UsageError(f"{args.data}/_info.json lists no classes: give --num-classes")
     in_chans = _first(args.in_chans, side.get("in_chans"), kwargs.pop("in_chans", None),
                       checkpoint_shape(args.model, state)[1], 3)
     cfg = pretrained_cfg(args.model)
@@ -251,20 +274,30 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from pipelines.data import create_eval_loader, read_info
+    try:
+        return run(args)
+    except UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def run(args: argparse.Namespace) -> int:
+    from pipelines.data import DataError, create_eval_loader, read_info
+    from train.config import ConfigError, check_model_name
     from train.distributed import world_info_from_env
 
     for path, what in ((args.checkpoint, "checkpoint"), (args.data, "data folder")):
         if not os.path.exists(path):
-            raise SystemExit(f"error: {what} {path} not found")
+            raise UsageError(f"{what} {path} not found")
     try:
+        check_model_name(args.model)
         info = read_info(args.data)
         state = read_state_dict(args.checkpoint)
         settings = resolve_settings(args, info, state)
-    except (FileNotFoundError, ValueError) as exc:
-        raise SystemExit(f"error: {exc}") from None
+    except (ConfigError, DataError, ValueError) as exc:
+        raise UsageError(str(exc).removeprefix("model.name: ")) from None
     if args.split not in info.get("splits", {}):
-        raise SystemExit(f"error: split {args.split!r} not in {args.data} (has {sorted(info.get('splits', {}))})")
+        raise UsageError(f"split {args.split!r} not in {args.data} (has {sorted(info.get('splits', {}))})")
 
     world = world_info_from_env()
     if world.world_size > 1:
@@ -280,10 +313,10 @@ def main(argv: list[str] | None = None) -> int:
         model = load_model(args.model, state, model_kwargs=settings.model_kwargs,
                            num_classes=settings.num_classes, in_chans=settings.in_chans,
                            inference_mode=settings.inference_mode)
-    except (ValueError, RuntimeError) as exc:
+    except (TypeError, ValueError) as exc:
         hint = (" (the model lays its weights out for img_size: pass --model-kwargs '{\"img_size\": N}')"
                 if "img_size" in str(exc) and "img_size" not in settings.model_kwargs else "")
-        raise SystemExit(f"error: cannot load {args.checkpoint} into {args.model}: {exc}{hint}") from None
+        raise UsageError(f"cannot load {args.checkpoint} into {args.model}: {exc}{hint}") from None
     if args.reparam:
         from timm.utils import reparameterize_model
 
@@ -296,8 +329,8 @@ def main(argv: list[str] | None = None) -> int:
                                     crop_pct=settings.crop_pct, rank=world.rank, world_size=world.world_size,
                                     num_workers=args.workers, in_chans=settings.in_chans,
                                     interpolation=settings.interpolation, mean=settings.mean, std=settings.std)
-    except (FileNotFoundError, KeyError, ValueError) as exc:
-        raise SystemExit(f"error: {exc}") from None
+    except DataError as exc:
+        raise UsageError(str(exc)) from None
     counts = score(model, loader, device, amp=args.amp, progress=world.is_main, total=len(loader))
     if world.world_size > 1:
         import torch.distributed as dist

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import csv
 import gzip
+import inspect
 import json
 import os
 import shlex
@@ -86,6 +87,17 @@ def read_rows(path: str) -> list[dict]:
         return list(csv.DictReader(f))
 
 
+def throughput_summary(bench_csv: str, model: str, peer: str) -> tuple[str, str]:
+    """(plot title, summary line) of the benchmark, naming the device it ran on (its CSV's side file)."""
+    with open(bench_csv + ".json") as f:
+        device = json.load(f)["device"]
+    speed = {r["model"]: float(r["infer_samples_per_sec"]) for r in read_rows(bench_csv)}
+    fused, unfused, base = speed[f"{model}@fused"], speed[f"{model}@unfused"], speed[peer]
+    return (f"Fashion-MNIST: top-1 vs {device} inference throughput",
+            f"{f'throughput ({device})':<21} fused {fused:,.0f} img/s = {fused / unfused:.2f}x unfused "
+            f"({unfused:,.0f}), {fused / base:.2f}x {peer} ({base:,.0f})")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m pipelines.quickstart", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -96,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="recipe overrides passed to the trainer, e.g. --set schedule.epochs=1")
     args = p.parse_args(argv)
+
+    import timm
 
     from train.config import load_config
 
@@ -133,27 +147,30 @@ def main(argv: list[str] | None = None) -> int:
     kwargs = dict(cfg.model.kwargs)
     img_size = kwargs.pop("img_size", cfg.data.img_size)
     peer = cfg.model.name.replace("mrconvnext_", "convnext_", 1)
+    # Every kwarg goes to the MRConvNeXt; the peer takes those ConvNeXt has too (its layout: depths, dims, ...).
+    peer_keys = set(inspect.signature(timm.models.convnext.ConvNeXt.__init__).parameters)
+    model_kwargs = ([f"{k}={json.dumps(v)}" for k, v in kwargs.items()]
+                    + [f"{peer}:{k}={json.dumps(v)}" for k, v in kwargs.items() if k in peer_keys])
     run([py, "-m", "pipelines.benchmark", "models", "--models", f"{cfg.model.name}@fused",
          f"{cfg.model.name}@unfused", peer, "--img-size", str(img_size), "--in-chans", str(cfg.model.in_chans),
-         "--num-classes", str(num_classes), "--model-kwargs", json.dumps(kwargs), "--batch-size", "256",
-         "--csv", bench_csv], env=env)
+         "--num-classes", str(num_classes), *(["--model-kwargs", *model_kwargs] if model_kwargs else []),
+         "--batch-size", "256", "--csv", bench_csv], env=env)
+    title, throughput = throughput_summary(bench_csv, cfg.model.name, peer)
 
     print("\n== 6/6 plot: accuracy vs throughput, per-stage alpha weights, learned kernels")
     plots = {name: os.path.join(run_dir, f"{name}.png") for name in ("accuracy_throughput", "alpha", "kernels")}
     run([py, "-m", "pipelines.plot", "--results", results_csv, "--bench", bench_csv,
-         "--out", plots["accuracy_throughput"], "--title", "Fashion-MNIST: top-1 vs CPU inference throughput"])
+         "--out", plots["accuracy_throughput"], "--title", title])
     for what, extra in (("alpha", []), ("kernels", ["--layer", "stages.0.blocks.0.conv_dw"])):  # the longest
         run([py, "-m", "pipelines.plot", what, "--model", cfg.model.name, "--checkpoint", unfused,
              "--model-kwargs", json.dumps(cfg.model.kwargs), "--out", plots[what], *extra])
 
     top1 = float(read_rows(results_csv)[0]["top1"])
-    speed = {r["model"]: float(r["infer_samples_per_sec"]) for r in read_rows(bench_csv)}
-    fused, unf, base = (speed[f"{cfg.model.name}@fused"], speed[f"{cfg.model.name}@unfused"], speed[peer])
     minutes = (time.perf_counter() - t0) / 60
     print(f"""
 == summary ({minutes:.1f} min)
   test top-1            {top1:.2f}% on the 10,000 Fashion-MNIST test images ({cfg.model.name}, fused)
-  throughput (CPU)      fused {fused:,.0f} img/s = {fused / unf:.2f}x unfused ({unf:,.0f}), {fused / base:.2f}x {peer} ({base:,.0f})
+  {throughput}
   exported weights      {weights} (+ {weights[:-len('.safetensors')]}.json: how to load it with timm)
   plots                 {', '.join(plots.values())}
   TensorBoard           tensorboard --logdir {os.path.join(run_dir, 'tensorboard')}

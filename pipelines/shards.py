@@ -8,7 +8,9 @@ label as ascii). The sample order is a seeded shuffle of the sorted source listi
 ``--shard-size`` samples: this plan is deterministic, so a re-run on a half-written ``OUT`` keeps every shard that
 matches its plan, rewrites the rest, and gives a byte-identical result. Tar headers carry no time, user or
 mode of the writer for the same reason. Each shard is written under a temporary name and renamed when
-complete; ``_info.json`` is merged (other splits are kept) and replaced atomically under a lock.
+complete; ``_info.json`` is merged (other splits are kept) and replaced atomically under a lock. Each split
+records its ``source`` (command and folder), so a folder that holds another dataset (another class list) is
+named and refused before any file in it is touched.
 """
 from __future__ import annotations
 
@@ -63,6 +65,7 @@ class Source:
     classes: list[str]
     load: Callable[[object], tuple[bytes, str]]
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason) found while listing
+    origin: str = ""  # command and source folder, recorded in _info.json to name the dataset a folder holds
 
 
 @dataclass
@@ -267,7 +270,7 @@ def imagefolder_source(src: str, split: str, classes: list[str] | None = None,
         items.append(Item(sample_key(len(items), path), path, value))
     if not classes:  # integer labels and no list given: name the classes by their index
         classes = [str(i) for i in range(max((it.label for it in items), default=-1) + 1)]
-    return Source(split, items, list(classes), load_file, skipped)
+    return Source(split, items, list(classes), load_file, skipped, f"imagefolder {os.path.abspath(src)}")
 
 
 def _find_idx(src: str, stem: str) -> str:
@@ -302,7 +305,8 @@ def fashion_mnist_sources(src: str) -> list[Source]:
         if len(images) != len(labels):
             raise ValueError(f"{src}: {len(images)} {split} images but {len(labels)} labels")
         items = [Item(sample_key(i, f"{split}_{i}"), i, int(label)) for i, label in enumerate(labels)]
-        sources.append(Source(split, items, list(FASHION_MNIST_CLASSES), partial(_png_from, images)))
+        sources.append(Source(split, items, list(FASHION_MNIST_CLASSES), partial(_png_from, images),
+                              origin=f"fashion-mnist {os.path.abspath(src)}"))
     return sources
 
 
@@ -349,6 +353,45 @@ def _clean_stale(out: str, split: str, num_shards: int) -> None:
             os.remove(os.path.join(out, name))
 
 
+def read_folder_info(out: str) -> dict | None:
+    """``OUT/_info.json`` parsed, or None when the folder holds none yet."""
+    path = os.path.join(out, INFO_NAME)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            info = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{path} is unreadable ({exc}); write into another folder") from None
+    if not isinstance(info, dict):
+        raise ValueError(f"{path} is not a shard folder's _info.json; write into another folder")
+    return info
+
+
+def describe_dataset(info: dict) -> str:
+    """The dataset a folder holds, in a few words: where its splits came from, its classes, its splits."""
+    splits = info.get("splits", {})
+    origins = sorted({entry.get("source") for entry in splits.values() if entry.get("source")})
+    classes = list(info.get("classes") or [])
+    shown = ", ".join(map(str, classes[:3])) + (", ..." if len(classes) > 3 else "")
+    parts = [f"{len(classes)} classes: {shown}",
+             "splits " + ", ".join(f"{name} ({entry.get('num_samples', '?')} samples)"
+                                   for name, entry in sorted(splits.items()))]
+    return (f"{' and '.join(origins)} (" if origins else "another dataset (") + "; ".join(parts) + ")"
+
+
+def check_target(out: str, sources: Sequence[Source], hint: str) -> None:
+    """Refuse, before a file is touched, to write ``sources`` into a folder that holds another dataset (another
+    class list): its shards would be overwritten and its ``_info.json`` could not describe both."""
+    info = read_folder_info(out)
+    if info is None or info.get("classes") is None:
+        return
+    for source in sources:
+        if list(source.classes) != list(info["classes"]):
+            raise ValueError(f"{out} holds {describe_dataset(info)}, not {source.origin} ({len(source.classes)} "
+                             f"classes); nothing was written: {hint}")
+
+
 def update_info(out: str, split: str, split_info: dict, classes: list[str]) -> str:
     """Merge one split into ``OUT/_info.json`` (other splits kept), atomically and under a file lock."""
     path = os.path.join(out, INFO_NAME)
@@ -361,7 +404,7 @@ def update_info(out: str, split: str, split_info: dict, classes: list[str]) -> s
                 info = json.load(f)
         if info.get("classes") not in (None, classes):
             raise ValueError(f"{path} holds a different class list ({len(info['classes'])} classes) than split "
-                             f"{split!r} ({len(classes)}); write it with --classes-from {out}")
+                             f"{split!r} ({len(classes)}): another run wrote into {out} meanwhile")
         info["classes"] = classes
         info["num_classes"] = len(classes)
         info.setdefault("splits", {})[split] = split_info
@@ -420,6 +463,7 @@ def write_split(source: Source, out: str, *, shard_size: int = 1000, workers: in
         "num_samples": sum(lengths),
         "filenames": [shard_name(source.split, i) for i in range(len(plan))],
         "shard_lengths": lengths,
+        "source": source.origin,
     }
     info_path = update_info(out, source.split, split_info, source.classes)
     written = sum(lengths[t[2]] for t in todo)
@@ -458,18 +502,37 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def plan_sources(args: argparse.Namespace) -> list[Source]:
+    """The splits to write, checked against what ``OUT`` already holds; nothing is written here."""
+    other_folder = "write into another folder (or empty this one first)"
     if args.command == "fashion-mnist":
         sources = fashion_mnist_sources(args.src)
-    else:
-        classes_from = args.classes_from
-        if classes_from is None and os.path.exists(os.path.join(args.out, INFO_NAME)):
-            classes_from = args.out
-        classes = load_class_list(classes_from) if classes_from else None
-        if classes_from:
-            print(f"class list ({len(classes)} classes) from {classes_from}")
-        sources = [imagefolder_source(args.src, args.split, classes, args.labels)]
+        check_target(args.out, sources, other_folder)
+        return sources
+    if args.classes_from is None and read_folder_info(args.out) is not None:
+        try:  # the folder's own class list fixes the label indices (a validation split agrees with train)
+            sources = [imagefolder_source(args.src, args.split, load_class_list(args.out), args.labels)]
+        except ValueError as exc:
+            raise ValueError(f"{exc}; {args.out} holds {describe_dataset(read_folder_info(args.out))}; nothing "
+                             f"was written: {other_folder}") from None
+        print(f"class list ({len(sources[0].classes)} classes) from {args.out}")
+        return sources
+    classes = load_class_list(args.classes_from) if args.classes_from else None
+    if args.classes_from:
+        print(f"class list ({len(classes)} classes) from {args.classes_from}")
+    sources = [imagefolder_source(args.src, args.split, classes, args.labels)]
+    check_target(args.out, sources, f"{other_folder}, or take its class list with --classes-from {args.out}"
+                 if args.classes_from else other_folder)
+    return sources
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        sources = plan_sources(args)
+    except (OSError, ValueError) as exc:  # a user's mistake: one line, exit 2, no file touched
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     for source in sources:
         result = write_split(source, args.out, shard_size=args.shard_size, workers=args.workers, seed=args.seed,
                              progress=not args.no_progress)

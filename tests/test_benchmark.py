@@ -11,6 +11,7 @@ from pipelines.flops import FFT_CONVENTION
 
 TIMM_BENCH_COLUMNS = ["model", "infer_img_size", "infer_samples_per_sec", "infer_step_time", "infer_batch_size",
                       "param_count", "infer_gmacs", "infer_macts"]
+PEAK_MEM = ["infer_peak_mem_gib"]  # after timm's columns; CUDA only (empty here)
 TINY = ["--img-size", "32", "--batch-size", "2", "--warmup", "1", "--iters", "1", "--rounds", "1"]
 
 
@@ -27,11 +28,13 @@ def test_cli_writes_timm_columns_with_both_forms_side_by_side(tmp_path, capsys):
             "--csv", str(out)]
     assert bench.main(argv) == 0
     columns, rows = read(out)
-    assert columns == TIMM_BENCH_COLUMNS + ["train_samples_per_sec", "train_step_time"]
+    assert columns == TIMM_BENCH_COLUMNS + PEAK_MEM + ["train_samples_per_sec", "train_step_time",
+                                                       "train_peak_mem_gib"]
     assert [r["model"] for r in rows] == ["mrconvnext_atto@fused", "mrconvnext_atto@unfused", "convnext_atto"]
     for r in rows:
         assert float(r["infer_samples_per_sec"]) > 0 and float(r["train_samples_per_sec"]) > 0
         assert r["infer_img_size"] == "32" and r["infer_batch_size"] == "2"
+        assert r["infer_peak_mem_gib"] == r["train_peak_mem_gib"] == ""  # no allocator statistics on the CPU
     fused, unfused = rows[0], rows[1]
     assert float(fused["param_count"]) < float(unfused["param_count"])
     assert fused["infer_gmacs"] != "" and fused["train_step_time"] == unfused["train_step_time"]  # same train form
@@ -46,14 +49,44 @@ def test_reparam_without_train_and_without_flops(tmp_path):
     out = tmp_path / "b.csv"
     assert bench.main(["--models", "mrconvnext_atto", *TINY, "--reparam", "--no-flops", "--csv", str(out)]) == 0
     columns, rows = read(out)
-    assert columns == TIMM_BENCH_COLUMNS and rows[0]["infer_gmacs"] == ""
+    assert columns == TIMM_BENCH_COLUMNS + PEAK_MEM and rows[0]["infer_gmacs"] == ""
     assert json.loads((tmp_path / "b.csv.json").read_text())["forms"]["mrconvnext_atto"] == "fused"
 
 
-def test_bad_model_specs_fail_clearly():
+def test_bad_model_specs_fail_clearly(capsys):
     with pytest.raises(ValueError, match="fused, unfused"):
         bench.parse_spec("convnext_atto@folded")
-    with pytest.raises(SystemExit, match="no fused form"):
-        bench.main(["--models", "convnext_atto@fused", *TINY, "--no-flops"])
-    with pytest.raises(SystemExit, match="listed twice"):
-        bench.main(["--models", "convnext_atto", "convnext_atto", *TINY])
+    assert bench.main(["--models", "convnext_atto@fused", *TINY, "--no-flops"]) == 2
+    assert "no fused form" in capsys.readouterr().err
+    assert bench.main(["--models", "convnext_atto", "convnext_atto", *TINY]) == 2
+    assert "listed twice" in capsys.readouterr().err
+
+
+def test_model_kwargs_go_to_mrconv_models_or_to_the_named_model_only(tmp_path, capsys):
+    """conv_impl is MRConv's: before, every kwarg also reached the ConvNeXt peer, which crashed on it."""
+    out = tmp_path / "b.csv"
+    assert bench.main(["--models", "mrconvnext_atto@fused", "convnext_atto", *TINY, "--no-flops", "--csv", str(out),
+                       "--model-kwargs", "conv_impl=fft", "min_l0=2", "convnext_atto:ls_init_value=0.5"]) == 0
+    meta = json.loads((tmp_path / "b.csv.json").read_text())
+    assert meta["kwargs"] == {"mrconvnext_atto@fused": {"conv_impl": "fft", "min_l0": 2},
+                              "convnext_atto": {"ls_init_value": 0.5}}
+    assert meta["device"] == "CPU"
+    capsys.readouterr()
+    assert bench.main(["--models", "convnext_atto", *TINY, "--model-kwargs", "convnext_tiny:depths=[1,1,1,1]"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "'convnext_tiny' is not among --models" in err
+
+
+def test_quickstart_summary_and_plot_title_name_the_benchmarks_device(tmp_path):
+    from pipelines import quickstart
+
+    out = tmp_path / "b.csv"
+    assert bench.main(["--models", "mrconvnext_atto@fused", "mrconvnext_atto@unfused", "convnext_atto", *TINY,
+                       "--no-flops", "--csv", str(out)]) == 0
+    title, line = quickstart.throughput_summary(str(out), "mrconvnext_atto", "convnext_atto")
+    assert "CPU inference throughput" in title and line.startswith("throughput (CPU)")
+    meta = json.loads((tmp_path / "b.csv.json").read_text())
+    (tmp_path / "b.csv.json").write_text(json.dumps(dict(meta, device="NVIDIA H200")))  # as a GPU run writes it
+    title, line = quickstart.throughput_summary(str(out), "mrconvnext_atto", "convnext_atto")
+    assert "NVIDIA H200 inference throughput" in title and "CPU" not in title + line
+    assert line.startswith("throughput (NVIDIA H200) fused") and "x unfused" in line and "x convnext_atto" in line

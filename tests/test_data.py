@@ -97,24 +97,26 @@ def test_two_ranks_read_disjoint_shards_equal_lengths_and_seeded_order(tmp_path)
     assert images.shape == (4, 3, 32, 32) and images.dtype == torch.float32 and targets.dtype == torch.int64
 
 
-def test_train_skips_corrupt_samples_and_truncated_members(tmp_path):
+def test_train_skips_corrupt_samples_and_truncated_members(tmp_path, caplog):
     write_split(tmp_path, "train", [6] * 4, corrupt={(0, 1), (2, 4)})
     path = tmp_path / "train-000003.tar"
-    path.write_bytes(path.read_bytes()[:2500])  # a member cut short; the size check at start still passes
+    path.write_bytes(path.read_bytes()[:2500])  # a member cut short
     loader = data.create_train_loader(str(tmp_path), batch_size=4, img_size=32, num_classes=4, num_workers=2,
                                       label_smoothing=0.0, shuffle_buffer=8)
+    assert "train-000003.tar" in caplog.text and "do not end like a complete tar" in caplog.text
     loader.set_epoch(0)
     batches = list(loader)
     assert len(batches) == len(loader) == 6  # the short worker re-reads its own shards
     assert loader.stats["corrupt_skipped"] >= 2 and loader.stats["shard_read_errors"] >= 1
+    assert loader.stats["short_samples"] >= 1
 
 
 def test_loader_fails_at_start_with_the_fix_in_the_message(tmp_path):
-    with pytest.raises(FileNotFoundError, match="python -m pipelines.shards"):
+    with pytest.raises(data.DataError, match="python -m pipelines.shards"):
         data.read_info(str(tmp_path))
     write_split(tmp_path, "train", [4] * 3)
-    with pytest.raises(ValueError, match="3 shards but 2 ranks x 2 workers = 4 readers need at least 4.*"
-                                         "--shard-size.*resampled"):
+    with pytest.raises(data.DataError, match="3 shards but 2 ranks x 2 workers = 4 readers need at least 4.*"
+                                             "--shard-size.*--set data.resampled=true"):
         data.create_train_loader(str(tmp_path), batch_size=2, img_size=32, num_classes=3, world_size=2)
     loader = data.create_train_loader(str(tmp_path), batch_size=2, img_size=32, num_classes=3, world_size=2,
                                       resampled=True, label_smoothing=0.0)
@@ -123,7 +125,7 @@ def test_loader_fails_at_start_with_the_fix_in_the_message(tmp_path):
         data.create_train_loader(str(tmp_path), batch_size=3, img_size=32, num_classes=3, num_workers=1,
                                  mixup=0.8)
     os.remove(tmp_path / "train-000001.tar")
-    with pytest.raises(FileNotFoundError, match="train-000001.tar"):
+    with pytest.raises(data.DataError, match="train-000001.tar"):
         data.create_train_loader(str(tmp_path), batch_size=2, img_size=32, num_classes=3, num_workers=1)
 
 
@@ -168,3 +170,89 @@ def test_train_transform_survives_randaugment_posterize_to_zero_bits():
     posterize.magnitude = 10  # the level timm's mstd noise reaches: 0 bits kept
     out = posterize(Image.new("L", (8, 8), 200))
     assert out.mode == "L" and max(out.getdata()) == 0
+
+
+def cut_at_member_boundary(path, samples_kept: int) -> None:
+    """Cut a shard right after its first ``samples_kept`` samples (2 members each): no member is broken, so
+    the tar reader sees a clean, early end."""
+    import tarfile
+
+    with tarfile.open(path) as tar:
+        members = tar.getmembers()
+    last = members[2 * samples_kept - 1]
+    end = last.offset_data + -(-last.size // 512) * 512
+    with open(path, "r+b") as f:
+        f.truncate(end)
+
+
+def test_shard_cut_at_a_member_boundary_is_named_and_its_shortfall_counted(tmp_path, caplog):
+    write_split(tmp_path, "validation", [25, 25])
+    cut_at_member_boundary(tmp_path / "validation-000001.tar", 4)
+    loader = data.create_eval_loader(str(tmp_path), batch_size=8, img_size=32, num_workers=0)
+    assert "validation-000001.tar" in caplog.text  # named at start: the tar has no end-of-archive blocks
+    caplog.clear()
+    seen = Counter(t for _, targets in loader for t in targets.tolist())
+    assert seen == {0: 25, 1: 4}
+    assert loader.stats == {"corrupt_skipped": 0, "shard_read_errors": 0, "short_samples": 21,
+                            "shards_given_up": 0}
+    assert "validation-000001.tar ended after 4 of its 25 samples" in caplog.text
+
+
+def test_a_shard_with_no_decodable_sample_is_given_up_after_one_pass(tmp_path, caplog):
+    """The train worker reads both shards and re-reads to fill its quota: the all-corrupt shard is read once
+    (its samples counted once), its warnings stay within the budget; a worker holding only that shard fails at
+    once instead of re-reading it 10,000 times."""
+    write_split(tmp_path, "train", [20, 20], corrupt={(1, i) for i in range(20)})
+    loader = data.create_train_loader(str(tmp_path), batch_size=4, img_size=32, num_classes=2, num_workers=0,
+                                      label_smoothing=0.0, shuffle_buffer=0)
+    loader.set_epoch(0)
+    targets = [t for _, batch in loader for t in batch.tolist()]
+    assert len(targets) == 40 and set(targets) == {0}  # 10 batches from the good shard, re-read
+    assert loader.stats == {"corrupt_skipped": 20, "shard_read_errors": 0, "short_samples": 0,
+                            "shards_given_up": 1}
+    warnings = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == data.WARN_LIMIT + 1 and "further ones are counted" in warnings[-1].getMessage()
+    caplog.clear()
+    reads = [data.assign_shards(["a", "b"], 0, 0, r, 2, 1, 0) for r in range(2)]
+    bad = data.create_train_loader(str(tmp_path), batch_size=4, img_size=32, num_classes=2,
+                                   rank=reads.index(["b"]), world_size=2, num_workers=1, label_smoothing=0.0,
+                                   shuffle_buffer=8)
+    bad.set_epoch(0)
+    with pytest.raises(data.DataError) as failed:  # raised in the worker process, one line here
+        list(bad)
+    assert str(failed.value).startswith("no decodable sample in the shards of train worker 0 on rank")
+    assert "train-000001.tar" in str(failed.value) and "\n" not in str(failed.value)
+
+
+@pytest.mark.slow
+def test_trainer_reports_bad_data_in_epoch_line_summary_and_tensorboard(tmp_path):
+    """A real single-process run: an all-corrupt train shard and a validation shard cut short are counted in the
+    epoch line, summary.json and TensorBoard, not only in warnings."""
+    import subprocess
+    import sys
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    shards_dir, run_dir = tmp_path / "wds", tmp_path / "run"
+    write_split(shards_dir, "train", [8] * 4, corrupt={(1, i) for i in range(8)}, num_classes=10)
+    write_split(shards_dir, "validation", [8] * 2, num_classes=10)
+    cut_at_member_boundary(shards_dir / "validation-000001.tar", 4)
+    sets = [f"data.dir={shards_dir}", "data.num_workers=0", "data.batch_size=8", "data.img_size=32",
+            "model.kwargs.img_size=32", "model.kwargs.depths=[1,1,1,1]", "schedule.epochs=1",
+            "schedule.warmup_epochs=0", "logging.progress_bar=false", "deepspeed.precision=fp32",
+            "data.shuffle_buffer=0"]  # no buffer: every corrupt sample reaches decoding before the quota
+    proc = subprocess.run([sys.executable, "-m", "train", "--config", "fashion_mnist", "--run-dir", str(run_dir),
+                           *[a for s in sets for a in ("--set", s)]], cwd=os.path.dirname(os.path.dirname(
+                               os.path.abspath(__file__))), env=dict(os.environ, OMP_NUM_THREADS="1"),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    epoch_line = next(line for line in proc.stderr.splitlines() if "epoch 1/1" in line)
+    assert ("bad data: train corrupt_skipped 8, train shards_given_up 1, val short_samples 4" in epoch_line)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["train_bad_data_this_start"] == {"corrupt_skipped": 8, "shard_read_errors": 0,
+                                                    "short_samples": 0, "shards_given_up": 1}
+    assert summary["metrics"]["val/short_samples"] == 4 and summary["metrics"]["val/count"] == 12
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    assert [e.value for e in events.Scalars("data/train_corrupt_skipped")] == [8]
+    assert [e.value for e in events.Scalars("val/short_samples")] == [4]

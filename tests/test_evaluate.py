@@ -106,19 +106,38 @@ def test_fused_and_unfused_checkpoints_give_the_same_top1(trained, capsys):
     assert float(rows[2]["param_count"]) < float(rows[0]["param_count"])  # the fused form has fewer params
 
 
-def test_loading_a_fused_checkpoint_into_the_training_form_fails_clearly(trained):
-    with pytest.raises(SystemExit, match="inference_mode=True"):
-        evaluate.main(COMMON + ["--checkpoint", trained["fused"], "--data", trained["data"]])
+def one_line_error(capsys) -> str:
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    return err
 
 
-def test_missing_checkpoint_or_data_fail_clearly(trained, tmp_path):
-    with pytest.raises(SystemExit, match="checkpoint .* not found"):
-        evaluate.main(COMMON + ["--checkpoint", str(tmp_path / "none.pth"), "--data", trained["data"]])
-    with pytest.raises(SystemExit, match="data folder .* not found"):
-        evaluate.main(COMMON + ["--checkpoint", trained["unfused"], "--data", str(tmp_path / "nodata")])
+def test_loading_a_fused_checkpoint_into_the_training_form_fails_clearly(trained, capsys):
+    assert evaluate.main(COMMON + ["--checkpoint", trained["fused"], "--data", trained["data"]]) == 2
+    assert "inference_mode=True" in one_line_error(capsys)
+
+
+def test_missing_checkpoint_or_data_fail_clearly(trained, tmp_path, capsys):
+    assert evaluate.main(COMMON + ["--checkpoint", str(tmp_path / "none.pth"), "--data", trained["data"]]) == 2
+    assert "checkpoint" in one_line_error(capsys)
+    assert evaluate.main(COMMON + ["--checkpoint", trained["unfused"], "--data", str(tmp_path / "nodata")]) == 2
+    assert "data folder" in one_line_error(capsys)
     os.makedirs(tmp_path / "empty")
-    with pytest.raises(SystemExit, match="_info.json not found"):
-        evaluate.main(COMMON + ["--checkpoint", trained["unfused"], "--data", str(tmp_path / "empty")])
+    assert evaluate.main(COMMON + ["--checkpoint", trained["unfused"], "--data", str(tmp_path / "empty")]) == 2
+    assert "_info.json not found" in one_line_error(capsys)
+
+
+def test_another_models_checkpoint_or_a_pickle_fail_in_one_line(trained, tmp_path, capsys):
+    other = ["--model", "convnext_atto", "--img-size", "32", "--workers", "0"]
+    assert evaluate.main(other + ["--checkpoint", trained["unfused"], "--data", trained["data"]]) == 2
+    assert "different model than 'convnext_atto'" in one_line_error(capsys)
+    assert evaluate.main(COMMON[:1] + ["mrconvnext_atoo"] + COMMON[2:] + ["--checkpoint", trained["unfused"],
+                                                                         "--data", trained["data"]]) == 2
+    assert "did you mean 'mrconvnext_atto'" in one_line_error(capsys)
+    crafted = str(tmp_path / "crafted.pt")
+    torch.save({"state_dict": {"w": torch.ones(1)}, "extra": os.getcwd}, crafted)  # a callable: code on load
+    assert evaluate.main(COMMON + ["--checkpoint", crafted, "--data", trained["data"]]) == 2
+    assert "refused" in one_line_error(capsys)
 
 
 def test_state_dict_wrappers_are_unwrapped(tmp_path):
@@ -162,3 +181,7 @@ def test_export_side_file_supplies_the_defaults(trained, tmp_path, capsys):
     evaluate.main(COMMON + ["--checkpoint", trained["unfused"], "--data", trained["data"], "--results", reference])
     assert read_rows(out)[1][0]["top1"] == read_rows(reference)[1][0]["top1"]
     assert "(fused," in capsys.readouterr().out
+    # the side file names the model: another --model would report another model's accuracy for these weights
+    assert evaluate.main(["--model", "mrconvnext_femto", "--checkpoint", ckpt, "--data", trained["data"],
+                          "--workers", "0"]) == 2
+    assert "holds mrconvnext_atto weights" in one_line_error(capsys)

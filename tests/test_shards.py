@@ -194,3 +194,37 @@ def test_check_image_rejects_bad_bytes_without_decoding():
                          (jpeg_bytes(1)[:-200], "truncated JPEG")):
         with pytest.raises(ValueError, match=reason):
             shards.check_image(data)
+
+
+def fashion_mnist_idx(src, n_train: int = 30, n_test: int = 10) -> None:
+    rng = np.random.default_rng(0)
+    src.mkdir()
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        write_idx(src / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 255, (n, 28, 28)))
+        write_idx(src / f"{prefix}-labels-idx1-ubyte.gz", np.arange(n) % 10)
+
+
+def test_writing_into_a_folder_of_another_dataset_is_refused_before_any_file_is_touched(tmp_path, capsys):
+    make_imagefolder(tmp_path / "src", bad=False)
+    fashion_mnist_idx(tmp_path / "fm")
+    common = ["--shard-size", "5", "--workers", "1", "--no-progress"]
+    folder, fm_folder = tmp_path / "out", tmp_path / "fm_out"
+    assert shards.main(["imagefolder", str(tmp_path / "src"), str(folder), *common]) == 0
+    assert shards.main(["fashion-mnist", str(tmp_path / "fm"), str(fm_folder), *common]) == 0
+    before = {f: folder_files(f) for f in (folder, fm_folder)}
+    capsys.readouterr()
+
+    assert shards.main(["fashion-mnist", str(tmp_path / "fm"), str(folder), *common]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"imagefolder {tmp_path / 'src'}" in err and "n01, n02, n03" in err
+    assert "another folder" in err and "--classes-from" not in err  # fashion-mnist has no such option
+    # an imagefolder split whose classes are not the folder's: by default and with another --classes-from
+    assert shards.main(["imagefolder", str(tmp_path / "src"), str(fm_folder), "--split", "validation",
+                        *common]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"fashion-mnist {tmp_path / 'fm'}" in err and "T-shirt/top" in err
+    assert shards.main(["imagefolder", str(tmp_path / "src"), str(fm_folder), "--split", "validation",
+                        "--classes-from", str(folder), *common]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"--classes-from {fm_folder}" in err
+    assert {f: folder_files(f) for f in (folder, fm_folder)} == before  # byte-identical, nothing added

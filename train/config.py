@@ -2,7 +2,8 @@
 validated once at start and written into the run directory.
 
 Errors name the offending key: an unknown key with the closest valid name, a wrong type with the expected
-one, inconsistent batch sizes with the arithmetic (global batch = micro batch x grad accum x world size).
+one, inconsistent batch sizes with the arithmetic (global batch = micro batch x grad accum x world size), an
+unknown model with the closest timm name, a YAML syntax error with its file, line and column. Each is one line.
 """
 from __future__ import annotations
 
@@ -215,13 +216,24 @@ def _set_dotted(raw: dict, dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+def yaml_problem(exc: yaml.YAMLError) -> str:
+    """A YAML error in one line: line and column (1-based), what is wrong."""
+    mark = getattr(exc, "problem_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    what = " ".join(filter(None, (getattr(exc, "problem", None), getattr(exc, "context", None))))
+    return where + (what or " ".join(str(exc).split()))
+
+
 def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
     out = []
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"--set expects key=value, got {item!r}")
         key, text = item.split("=", 1)
-        out.append((key.strip(), yaml.safe_load(text) if text.strip() else None))
+        try:
+            out.append((key.strip(), yaml.safe_load(text) if text.strip() else None))
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--set {item}: the value is not valid YAML ({yaml_problem(exc)})") from None
     return out
 
 
@@ -239,8 +251,12 @@ def resolve_config_path(path: str) -> str:
 def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = None) -> TrainConfig:
     raw: dict = {}
     if path:
-        with open(resolve_config_path(path)) as f:
-            raw = yaml.safe_load(f) or {}
+        resolved = resolve_config_path(path)
+        try:
+            with open(resolved) as f:
+                raw = yaml.safe_load(f) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{resolved} is not valid YAML: {yaml_problem(exc)}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: the top level must be a mapping")
     for key, value in parse_overrides(overrides or []):
@@ -248,6 +264,38 @@ def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = Non
     cfg = _build(TrainConfig, raw, "")
     check_static(cfg)
     return cfg
+
+
+def check_model_name(name: str) -> None:
+    """An unknown model fails with the closest names. Not part of ``load_config``: it imports timm (and torch),
+    which ``slurm.submit`` must not."""
+    import timm
+
+    import models  # noqa: F401  (registers mrconvnext_*)
+
+    if timm.is_model(name):
+        return
+    close = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.6)
+    hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else "; see timm.list_models()"
+    raise ConfigError(f"model.name: {name!r} is not a timm model{hint}")
+
+
+def model_kwarg_hint(model_name: str, key: str) -> str:
+    """'; did you mean ...?' for a ``model.kwargs`` key the model refused: the closest argument of the model
+    classes defined next to its timm entry point (where a timm family keeps its blocks and stages)."""
+    import inspect
+    import sys
+
+    import timm
+    import torch
+
+    import models  # noqa: F401  (registers mrconvnext_*)
+
+    module = sys.modules[timm.models.model_entrypoint(model_name).__module__]
+    names = {p for obj in vars(module).values() if isinstance(obj, type) and issubclass(obj, torch.nn.Module)
+             for p in inspect.signature(obj.__init__).parameters if p not in ("self", "args", "kwargs")}
+    close = difflib.get_close_matches(key, sorted(names), n=1, cutoff=0.6)
+    return f"; did you mean '{close[0]}'?" if close else ""
 
 
 def from_dict(raw: dict) -> TrainConfig:
@@ -269,6 +317,10 @@ def check_static(cfg: TrainConfig) -> None:
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{key} must be > 0, got {value}")
+    for key, value in {"data.num_workers": cfg.data.num_workers, "data.shuffle_buffer": cfg.data.shuffle_buffer,
+                       "model.drop_path_rate": cfg.model.drop_path_rate}.items():
+        if value < 0:
+            raise ConfigError(f"{key} must be >= 0, got {value}")
     if cfg.deepspeed.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"deepspeed.zero_stage must be 0, 1, 2 or 3, got {cfg.deepspeed.zero_stage}")
     if cfg.deepspeed.precision not in ("bf16", "fp32"):

@@ -1,9 +1,10 @@
 """Distributed evaluation: every rank scores its part of the evaluation set; correct counts and sample counts
-are summed with all_reduce, so top-1/top-5 are over exactly the evaluation set (no padding, no duplicates)."""
+are summed with all_reduce, so top-1/top-5 are over exactly the evaluation set (no padding, no duplicates).
+The bad-data counts of a shard loader (``ShardLoader.stats``) are summed across ranks the same way."""
 from __future__ import annotations
 
 import contextlib
-from typing import Iterable
+from typing import Iterable, Mapping
 
 import torch
 import torch.distributed as dist
@@ -12,14 +13,24 @@ from deepspeed.accelerator import get_accelerator
 from pipelines.evaluate import topk_correct
 
 
+def summed_counts(now: Mapping[str, int], before: Mapping[str, int]) -> dict[str, int]:
+    """What a loader's counts grew by since ``before`` (its ``stats`` then), summed over all ranks (collective)."""
+    keys = sorted(now)
+    totals = torch.tensor([now[k] - before.get(k, 0) for k in keys], dtype=torch.float64,
+                          device=get_accelerator().current_device_name())
+    dist.all_reduce(totals, op=dist.ReduceOp.SUM)
+    return {k: int(v) for k, v in zip(keys, totals.tolist())}
+
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, loader: Iterable, autocast_dtype: torch.dtype | None = None) -> dict:
-    """Returns ``{'top1', 'top5', 'loss', 'count'}`` over the whole evaluation set (all ranks)."""
+    """Returns ``{'top1', 'top5', 'loss', 'count'}`` over the whole evaluation set (all ranks), plus the
+    loader's bad-data counts of this pass (``corrupt_skipped``, ...) when it keeps them."""
     device = get_accelerator().current_device_name()
     was_training = model.training
     model.eval()
     totals = torch.zeros(4, dtype=torch.float64, device=device)  # top1, top5, loss sum, count
+    counts_before = dict(getattr(loader, "stats", {}))
     autocast = (torch.autocast(device_type=get_accelerator().device_name(), dtype=autocast_dtype)
                 if autocast_dtype is not None else contextlib.nullcontext())
     for images, target in loader:
@@ -37,4 +48,4 @@ def evaluate(model: torch.nn.Module, loader: Iterable, autocast_dtype: torch.dty
     if count == 0:
         raise RuntimeError("the evaluation set is empty on every rank")
     return {"top1": totals[0].item() / count, "top5": totals[1].item() / count, "loss": totals[2].item() / count,
-            "count": int(count)}
+            "count": int(count), **summed_counts(getattr(loader, "stats", {}), counts_before)}

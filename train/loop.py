@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from deepspeed.accelerator import get_accelerator
 
 from train.engine import grad_norm_before_step
+from train.evaluate import summed_counts
 from train.logger import RunLogger
 
 
@@ -85,6 +86,7 @@ def train_one_epoch(ctx: EpochContext, pos: Position, restore_rng: Callable[[dic
     """Runs the rest of epoch ``pos.epoch`` from micro batch ``pos.batch_in_epoch``. Returns False when a stop
     was requested (a checkpoint has then been saved)."""
     engine, device = ctx.engine, get_accelerator().current_device_name()
+    data_before = dict(ctx.loader.stats)
     it = iter(ctx.loader)
     # Exact resume re-reads the consumed micro batches (decode + augment, no model work): the cost is that
     # part of an epoch of data loading.
@@ -140,5 +142,6 @@ def train_one_epoch(ctx: EpochContext, pos: Position, restore_rng: Callable[[dic
     ctx.logger.end_epoch()
     elapsed = time.perf_counter() - epoch_t0
     ctx.stats = {"loss": epoch_loss / max(epoch_n, 1),
-                 "images_per_sec": epoch_samples * ctx.world_size / elapsed if epoch_n else None}
+                 "images_per_sec": epoch_samples * ctx.world_size / elapsed if epoch_n else None,
+                 "data": summed_counts(ctx.loader.stats, data_before)}  # bad data of this epoch, all ranks
     return True

@@ -2,13 +2,14 @@
 
 Same entry point under ``torchrun``, the ``deepspeed`` launcher and ``srun`` (world info in train/distributed.py).
 Exit codes: 0 finished, 3 stopped on SIGUSR1/SIGTERM after saving a checkpoint (the job is to be requeued;
-the next start resumes from the run directory), 2 bad config.
+the next start resumes from the run directory), 2 bad config or data (one line on stderr, no traceback).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import re
 import sys
 import time
 from typing import Optional
@@ -19,10 +20,12 @@ import torch.distributed as dist
 from timm.utils import ModelEmaV3, distribute_bn
 
 import models  # noqa: F401  (registers mrconvnext_* in timm)
-from pipelines.data import create_eval_loader, create_train_loader, read_info
+from pipelines.data import (COUNT_KEYS, DataError, check_readers, check_split, create_eval_loader,
+                            create_train_loader, read_info)
 from train import checkpoint as ckpt
-from train.config import ConfigError, TrainConfig, load_config, plan_batches, scaled_lr, write_config
-from train.distributed import init_distributed
+from train.config import (ConfigError, TrainConfig, check_model_name, load_config, model_kwarg_hint, plan_batches,
+                          scaled_lr, write_config)
+from train.distributed import init_distributed, world_info_from_env
 from train.engine import autocast_dtype, create_engine, deepspeed_config
 from train.evaluate import evaluate
 from train.logger import RunLogger, alpha_energy, setup_logging
@@ -56,8 +59,32 @@ def num_classes_for(cfg: TrainConfig, info: dict) -> int:
 
 
 def create_model(cfg: TrainConfig, num_classes: int) -> torch.nn.Module:
-    return timm.create_model(cfg.model.name, num_classes=num_classes, drop_path_rate=cfg.model.drop_path_rate,
-                             in_chans=cfg.model.in_chans, **cfg.model.kwargs)
+    try:
+        return timm.create_model(cfg.model.name, num_classes=num_classes, drop_path_rate=cfg.model.drop_path_rate,
+                                 in_chans=cfg.model.in_chans, **cfg.model.kwargs)
+    except TypeError as exc:
+        typo = re.search(r"unexpected keyword argument '(\w+)'", str(exc))
+        if typo is None:
+            raise
+        raise ConfigError(f"model.kwargs.{typo.group(1)}: {cfg.model.name} takes no such argument"
+                          f"{model_kwarg_hint(cfg.model.name, typo.group(1))}") from None
+    except ValueError as exc:  # a model refusing an argument's value
+        raise ConfigError(f"model.kwargs: {exc}") from None
+
+
+def preflight(cfg: TrainConfig) -> None:
+    """The mistakes that need no process group, found in seconds instead of after DeepSpeed's start-up: the
+    model's name, the data folder, its splits and shards (and enough of them for the readers), and the model's
+    arguments (the model is built on the meta device: no memory, no weights)."""
+    check_model_name(cfg.model.name)
+    num_classes = num_classes_for(cfg, read_info(cfg.data.dir))
+    train_shards = check_split(cfg.data.dir, cfg.data.train_split)
+    check_split(cfg.data.dir, cfg.data.val_split)
+    if not cfg.data.resampled:
+        check_readers(cfg.data.dir, cfg.data.train_split, train_shards, world_info_from_env().world_size,
+                      cfg.data.num_workers)
+    with torch.device("meta"):
+        create_model(cfg, num_classes)
 
 
 def run(cfg: TrainConfig, run_dir: str) -> int:
@@ -143,6 +170,7 @@ def run(cfg: TrainConfig, run_dir: str) -> int:
                        save_every=cfg.checkpoint.every_steps, save=save, world_size=world_size,
                        rng_after_skip=rng_after_skip, last_saved_step=pos.step if tag else -1)
     metrics: dict = {}
+    data_counts = dict.fromkeys(COUNT_KEYS, 0)  # bad train data over this start, all ranks
     t_start = time.perf_counter()
     while pos.epoch < s.epochs:
         seed_epoch(cfg.seed, rank, pos.epoch)
@@ -155,6 +183,10 @@ def run(cfg: TrainConfig, run_dir: str) -> int:
         line = f"epoch {pos.epoch + 1}/{s.epochs} step {pos.step} lr {optimizer.param_groups[0]['lr']:.3g}"
         if ctx.stats.get("images_per_sec"):
             line += f" train loss {ctx.stats['loss']:.4f} {ctx.stats['images_per_sec']:.0f} img/s"
+        bad = {f"train {k}": v for k, v in ctx.stats["data"].items()}
+        for k, v in ctx.stats["data"].items():
+            data_counts[k] += v
+        logger.scalars(pos.step, {f"data/{k.replace(' ', '_')}": v for k, v in bad.items()})
         if (pos.epoch + 1) % cfg.logging.eval_every_epochs == 0 or last:
             average_bn()
             metrics = {f"val/{k}": v for k, v in evaluate(engine, eval_loader, amp_dtype).items()}
@@ -162,6 +194,9 @@ def run(cfg: TrainConfig, run_dir: str) -> int:
                 metrics.update({f"val_ema/{k}": v for k, v in evaluate(ema.module, eval_loader, amp_dtype).items()})
             logger.scalars(pos.step, {k: v for k, v in metrics.items() if not k.endswith("count")})
             line += " " + " ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k.split("/")[1] in ("top1", "top5"))
+            bad.update({f"val {k[4:]}": v for k, v in metrics.items() if k[4:] in COUNT_KEYS and k[:4] == "val/"})
+        if any(bad.values()):
+            line += " bad data: " + ", ".join(f"{k} {v}" for k, v in bad.items() if v)
         if (pos.epoch + 1) % cfg.logging.alpha_image_every_epochs == 0 or last:
             logger.alpha_images(pos.step, alpha_energy(engine.module))
         logger.info(line)
@@ -172,7 +207,8 @@ def run(cfg: TrainConfig, run_dir: str) -> int:
     final_tag = ckpt.latest_tag(ckpt_dir)
     summary = {"run_dir": run_dir, "checkpoint": os.path.join(ckpt_dir, final_tag), "step": pos.step,
                "epochs": s.epochs, "model": cfg.model.name, "metrics": metrics,
-               "train_seconds_this_start": round(time.perf_counter() - t_start, 1)}
+               "train_seconds_this_start": round(time.perf_counter() - t_start, 1),
+               "train_bad_data_this_start": data_counts}
     if rank == 0:
         with open(os.path.join(run_dir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=1)
@@ -190,7 +226,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         cfg = load_config(args.config, args.overrides)
         stem = os.path.splitext(os.path.basename(args.config))[0]
         cfg.run_dir = args.run_dir or cfg.run_dir or os.path.join("runs", stem)
+        preflight(cfg)
         return run(cfg, cfg.run_dir)
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
+        return EXIT_BAD_CONFIG
+    except DataError as exc:
+        print(f"data error: {exc}", file=sys.stderr)
         return EXIT_BAD_CONFIG

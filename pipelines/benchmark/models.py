@@ -3,13 +3,17 @@ timm's ``benchmark.py`` does, with every listed model interleaved in one run.
 
     python -m pipelines.benchmark models --models convnext_tiny mrconvnext_tiny@fused mrconvnext_tiny@unfused \
         [--reparam] [--amp bf16] [--channels-last] [--compile] [--batch-size 16] [--img-size 224] [--train] \
-        [--device cuda] [--threads N] [--csv OUT.csv]
+        [--device cuda] [--threads N] [--model-kwargs [NAME:]KEY=VALUE ...] [--csv OUT.csv]
 
 Inference: random input, ``eval()``, ``torch.inference_mode()``, warm-up, synchronized timed steps, samples/s.
 Training: forward + backward + SGD step on random input and targets, always in the training form. ``--reparam``
 benchmarks reparameterizable models fused (timm's convention); ``NAME@fused`` / ``NAME@unfused`` pick the form
-of one entry, so both forms of a model can run side by side. The CSV has timm's benchmark columns; the side file
-``OUT.csv.json`` holds the FFT counting convention of ``infer_gmacs``, the machine and the settings.
+of one entry, so both forms of a model can run side by side. ``--model-kwargs NAME:KEY=VALUE`` (value parsed
+as YAML) goes to model NAME only; a plain ``KEY=VALUE`` goes to every MRConv model of this repository (never to
+a timm peer such as ConvNeXt, which would refuse MRConv's arguments). The CSV has timm's benchmark columns plus
+the peak memory of an inference and a training step on CUDA (empty elsewhere); the side file ``OUT.csv.json``
+holds the FFT counting convention of ``infer_gmacs``, the machine, the device, each model's kwargs and the
+settings.
 """
 from __future__ import annotations
 
@@ -25,12 +29,12 @@ from dataclasses import dataclass
 
 import torch
 
-from .timing import interleaved, machine_description
+from .timing import device_name, interleaved, machine_description, peak_memory_gib, tensor_bytes
 
-# timm benchmark.py's CSV columns, in its order (infer_macts: fvcore activations in millions).
+# timm benchmark.py's CSV columns, in its order (infer_macts: fvcore activations in millions), then peak memory.
 INFER_COLUMNS = ("model", "infer_img_size", "infer_samples_per_sec", "infer_step_time", "infer_batch_size",
-                 "param_count", "infer_gmacs", "infer_macts")
-TRAIN_COLUMNS = ("train_samples_per_sec", "train_step_time")
+                 "param_count", "infer_gmacs", "infer_macts", "infer_peak_mem_gib")
+TRAIN_COLUMNS = ("train_samples_per_sec", "train_step_time", "train_peak_mem_gib")
 FORMS = ("fused", "unfused")
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -48,6 +52,39 @@ def parse_spec(text: str) -> ModelSpec:
     if form and form not in FORMS:
         raise ValueError(f"{text!r}: the form after '@' must be one of {', '.join(FORMS)}")
     return ModelSpec(label=text, name=name, fused=None if not form else form == "fused")
+
+
+def parse_model_kwargs(items: list[str], names: list[str]) -> dict[str | None, dict]:
+    """``[NAME:]KEY=VALUE`` items -> {NAME: kwargs, None: kwargs for every MRConv model}; values parsed as YAML."""
+    import yaml
+
+    out: dict[str | None, dict] = {}
+    for item in items:
+        target, eq, text = item.partition("=")
+        if not eq:
+            raise ValueError(f"--model-kwargs {item!r}: expected [NAME:]KEY=VALUE")
+        name, colon, key = target.rpartition(":")
+        if colon and name not in names:
+            raise ValueError(f"--model-kwargs {item!r}: {name!r} is not among --models ({', '.join(names)})")
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ValueError(f"--model-kwargs {item!r}: the value is not valid YAML") from exc
+        out.setdefault(name if colon else None, {})[key.strip()] = value
+    return out
+
+
+def is_mrconv(name: str) -> bool:
+    """A model of this repository's families (the ``models`` package), which take MRConv's arguments."""
+    import timm
+
+    import models  # noqa: F401  (registers mrconvnext_*)
+
+    return timm.models.model_entrypoint(name).__module__.startswith("models.")
+
+
+def kwargs_for(name: str, model_kwargs: dict[str | None, dict]) -> dict:
+    return {**(model_kwargs.get(None, {}) if is_mrconv(name) else {}), **model_kwargs.get(name, {})}
 
 
 def is_reparameterizable(model: torch.nn.Module) -> bool:
@@ -100,6 +137,8 @@ class Entry:
     macts: float | None = None
     infer_s: float | None = None
     train_s: float | None = None
+    infer_mem: float | None = None  # GiB, CUDA only
+    train_mem: float | None = None
 
     @property
     def form(self) -> str:
@@ -113,7 +152,8 @@ def build_entries(specs: list[ModelSpec], args: argparse.Namespace, device: torc
     for spec in specs:
         if spec.name not in bases:
             torch.manual_seed(0)
-            bases[spec.name] = create(spec.name, args.img_size, args.in_chans, args.num_classes, args.kwargs).eval()
+            bases[spec.name] = create(spec.name, args.img_size, args.in_chans, args.num_classes,
+                                      kwargs_for(spec.name, args.kwargs)).eval()
         base = bases[spec.name]
         want_fused = args.reparam if spec.fused is None else spec.fused
         if want_fused and not is_reparameterizable(base):
@@ -162,18 +202,20 @@ def inference_fns(entries: list[Entry], args: argparse.Namespace, device: torch.
 
 
 def train_fns(entries: list[Entry], args: argparse.Namespace, device: torch.device
-              ) -> dict[str, Callable[[], object]]:
+              ) -> tuple[dict[str, Callable[[], object]], dict[str, Callable[[], int]]]:
     """One training step per call, in the training form (a fused entry trains its unfused model), one per
-    timm model name: both forms of a model share it."""
+    timm model name: both forms of a model share it. Also, per name, the bytes its model's own tensors hold
+    (weights, buffers, gradients, optimizer state)."""
     x = torch.randn(args.batch_size, args.in_chans, args.img_size, args.img_size, device=device)
     if args.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    fns = {}
+    fns, resident = {}, {}
     for e in entries:
         if e.spec.name in fns:
             continue
         torch.manual_seed(0)
-        model = create(e.spec.name, args.img_size, args.in_chans, args.num_classes, args.kwargs).to(device).train()
+        model = create(e.spec.name, args.img_size, args.in_chans, args.num_classes,
+                       kwargs_for(e.spec.name, args.kwargs)).to(device).train()
         target = torch.randint(0, model.num_classes, (args.batch_size,), device=device)
         run = _prepare(model, args)
         opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
@@ -187,7 +229,14 @@ def train_fns(entries: list[Entry], args: argparse.Namespace, device: torch.devi
             opt.step()
 
         fns[e.spec.name] = step
-    return fns
+        resident[e.spec.name] = lambda model=model, opt=opt: tensor_bytes(
+            [*model.parameters(), *model.buffers(), *(p.grad for p in model.parameters()),
+             *(t for state in opt.state.values() for t in state.values() if isinstance(t, torch.Tensor))])
+    return fns, resident
+
+
+def _gib(value: float | None) -> float | str:
+    return "" if value is None else round(value, 3)
 
 
 def csv_rows(entries: list[Entry], args: argparse.Namespace) -> list[dict]:
@@ -198,10 +247,10 @@ def csv_rows(entries: list[Entry], args: argparse.Namespace) -> list[dict]:
                "infer_step_time": round(1000 * e.infer_s, 3), "infer_batch_size": args.batch_size,
                "param_count": round(e.params / 1e6, 2),
                "infer_gmacs": "" if e.gmacs is None else round(e.gmacs, 2),
-               "infer_macts": "" if e.macts is None else round(e.macts, 2)}
+               "infer_macts": "" if e.macts is None else round(e.macts, 2), "infer_peak_mem_gib": _gib(e.infer_mem)}
         if args.train:
             row.update(train_samples_per_sec=round(args.batch_size / e.train_s, 2),
-                       train_step_time=round(1000 * e.train_s, 3))
+                       train_step_time=round(1000 * e.train_s, 3), train_peak_mem_gib=_gib(e.train_mem))
         rows.append(row)
     return rows
 
@@ -262,7 +311,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--img-size", type=int, default=224)
     p.add_argument("--in-chans", type=int, default=3)
     p.add_argument("--num-classes", type=int, default=None, help="default: each model's own")
-    p.add_argument("--model-kwargs", default="{}", help="JSON passed to every timm.create_model")
+    p.add_argument("--model-kwargs", nargs="+", default=[], metavar="[NAME:]KEY=VALUE",
+                   help="NAME:KEY=VALUE: to model NAME; KEY=VALUE: to every MRConv model (not to timm peers); "
+                        "values parsed as YAML, e.g. img_size=64 mrconvnext_tiny:conv_impl=fft")
     p.add_argument("--train", action="store_true", help="also time a training step (forward, backward, SGD)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
@@ -278,30 +329,35 @@ def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     try:
         specs = [parse_spec(m) for m in args.models]
-        args.kwargs = json.loads(args.model_kwargs)
-    except (ValueError, json.JSONDecodeError) as exc:
-        raise SystemExit(f"error: {exc}") from None
+        args.kwargs = parse_model_kwargs(args.model_kwargs, [s.name for s in specs])
+    except ValueError as exc:
+        return fail(str(exc))
     if len({s.label for s in specs}) != len(specs):
-        raise SystemExit("error: a model is listed twice")
+        return fail("a model is listed twice")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     try:
         entries = build_entries(specs, args, device)
-    except (ValueError, RuntimeError) as exc:
-        raise SystemExit(f"error: {exc}") from None
+    except (TypeError, ValueError, RuntimeError) as exc:
+        return fail(str(exc).splitlines()[0])
     input_size = (args.in_chans, args.img_size, args.img_size)
     if not args.no_flops:
         for e in entries:
             e.gmacs, e.macts = count_macs(e.model, input_size)
 
     timing = dict(device=device, warmup=args.warmup, iters=args.iters, rounds=args.rounds)
-    for label, seconds in interleaved(inference_fns(entries, args, device), **timing).items():
-        next(e for e in entries if e.spec.label == label).infer_s = seconds
+    fns = inference_fns(entries, args, device)
+    for label, seconds in interleaved(fns, **timing).items():
+        e = next(e for e in entries if e.spec.label == label)
+        e.infer_s = seconds
+        e.infer_mem = peak_memory_gib(fns[label], device, tensor_bytes([*e.model.parameters(), *e.model.buffers()]))
     if args.train:
-        per_name = interleaved(train_fns(entries, args, device), **timing)
+        steps, resident = train_fns(entries, args, device)
+        per_name = interleaved(steps, **timing)
+        peak = {name: peak_memory_gib(step, device, resident[name]()) for name, step in steps.items()}
         for e in entries:
-            e.train_s = per_name[e.spec.name]
+            e.train_s, e.train_mem = per_name[e.spec.name], peak[e.spec.name]
 
     from pipelines.flops import FFT_CONVENTION
 
@@ -314,15 +370,25 @@ def main(argv: list[str]) -> int:
     print(table(entries, args))
     if args.csv:
         columns = INFER_COLUMNS + (TRAIN_COLUMNS if args.train else ())
-        meta = {"fft_convention": FFT_CONVENTION, "machine": machine, "settings": settings,
-                "forms": {e.spec.label: e.form for e in entries},
+        meta = {"fft_convention": FFT_CONVENTION, "machine": machine, "device": device_name(device),
+                "settings": settings, "forms": {e.spec.label: e.form for e in entries},
+                "kwargs": {e.spec.label: kwargs_for(e.spec.name, args.kwargs) for e in entries},
                 "columns": {"param_count": "millions", "infer_gmacs": "GMACs per sample (fvcore, FFTs counted)",
                             "infer_macts": "fvcore activations per sample, millions",
-                            "infer_step_time": "ms per batch", "train_step_time": "ms per batch"}}
+                            "infer_step_time": "ms per batch", "train_step_time": "ms per batch",
+                            "infer_peak_mem_gib": "GiB: the model's weights and buffers plus the peak one "
+                                                  "inference step allocates (CUDA; empty elsewhere)",
+                            "train_peak_mem_gib": "GiB: weights, buffers, gradients and optimizer state plus the "
+                                                  "peak one training step allocates (CUDA; empty elsewhere)"}}
         side = write_csv(args.csv, csv_rows(entries, args), columns, meta)
         print(f"wrote {args.csv} and {side}")
     print(summary(entries))
     return 0
+
+
+def fail(msg: str) -> int:
+    print(f"error: {msg}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

@@ -33,6 +33,29 @@ def interleaved(fns: dict[str, Callable[[], object]], *, device: torch.device, w
     return {name: statistics.median(s) for name, s in samples.items()}
 
 
+def peak_memory_gib(fn: Callable[[], object], device: torch.device, resident_bytes: int) -> float | None:
+    """GiB a call of ``fn`` needs on a CUDA device: ``resident_bytes`` (its model's own tensors) plus the peak it
+    allocates above what was allocated before it, so models resident side by side do not count each other.
+    None on other devices (no allocator statistics)."""
+    if device.type != "cuda":
+        return None
+    synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    synchronize(device)
+    return (resident_bytes + torch.cuda.max_memory_allocated(device) - before) / 2**30
+
+
+def tensor_bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+def device_name(device: torch.device) -> str:
+    """What ran the benchmark, in a word or two: the GPU's name, or 'CPU'."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+
+
 def machine_description(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
