@@ -17,6 +17,7 @@ rank. A missing or unreadable shard, or too few shards for the readers, fails in
 from __future__ import annotations
 
 import io
+import functools
 import json
 import logging
 import math
@@ -31,6 +32,8 @@ from PIL import Image, ImageOps
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup, create_transform
 from timm.data.mixup import mixup_target
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from pipelines.decode import DeviceDecoder, DraftCropDecoder
 
 _logger = logging.getLogger(__name__)
 
@@ -179,13 +182,32 @@ def train_transform(img_size: int, *, in_chans: int = 3, auto_augment: str | Non
 # the per-worker stream
 
 
+def decode_full(data: bytes, mode: str) -> Image.Image:
+    """The whole image, decoded and converted to ``mode``."""
+    with Image.open(io.BytesIO(data)) as img:
+        return img.convert(mode)
+
+
+def concat_encoded(encoded: list[bytes]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch of encoded images as one uint8 tensor and their lengths: one shared-memory block per batch."""
+    flat = torch.frombuffer(bytearray(b"".join(encoded)), dtype=torch.uint8)
+    return flat, torch.tensor([len(e) for e in encoded], dtype=torch.int64)
+
+
+def _encoded(data: bytes) -> bytes:
+    return data
+
+
 class _ShardStream(IterableDataset):
     """Yields (images, targets, (corrupt samples, shard read errors) since the last yield) for one epoch."""
 
     def __init__(self, shards: list[str], shard_lengths: dict[str, int], *, train: bool, batch_size: int,
                  transform, image_mode: str, rank: int, world_size: int, num_workers: int, seed: int = 0,
-                 rank_batches: int = 0, resampled: bool = False, shuffle_buffer: int = 0):
+                 rank_batches: int = 0, resampled: bool = False, shuffle_buffer: int = 0, decode=None,
+                 collate=torch.stack):
         super().__init__()
+        self.decode = decode or functools.partial(decode_full, mode=image_mode)
+        self.collate = collate
         self.shards, self.shard_lengths = shards, shard_lengths
         self.train, self.batch_size, self.transform, self.image_mode = train, batch_size, transform, image_mode
         self.rank, self.world_size, self.num_workers, self.seed = rank, world_size, num_workers, seed
@@ -208,8 +230,7 @@ class _ShardStream(IterableDataset):
                 if data is None:
                     raise ValueError(f"no image member ({'/'.join(IMAGE_KEYS)}); has {sorted(sample)}")
                 target = int(sample["cls"])
-                with Image.open(io.BytesIO(data)) as img:
-                    img = img.convert(self.image_mode)  # decodes: bad or truncated bytes raise here
+                img = self.decode(data)  # bad or truncated bytes raise here
             except Exception as exc:  # PIL raises many types for bad bytes
                 self._skipped += 1
                 self._bad_run += 1
@@ -280,7 +301,7 @@ class _ShardStream(IterableDataset):
             yield None, None, self._pop_counts()
 
     def _collate(self, images, targets):
-        return torch.stack(images), torch.tensor(targets, dtype=torch.int64), self._pop_counts()
+        return self.collate(images), torch.tensor(targets, dtype=torch.int64), self._pop_counts()
 
     def _pop_counts(self) -> tuple[int, int]:
         counts = (self._skipped, self._shard_errors)
@@ -302,8 +323,10 @@ class ShardLoader:
     batches from the workers (sum them across ranks for a global count)."""
 
     def __init__(self, stream: _ShardStream, *, num_workers: int, num_batches: int, num_samples: int,
-                 require_epoch: bool, mixup_fn=None, soft_target_fn=None):
+                 require_epoch: bool, mixup_fn=None, soft_target_fn=None,
+                 device_decoder: DeviceDecoder | None = None):
         self._stream = stream
+        self._device_decoder = device_decoder
         self._num_workers = num_workers
         self._num_batches = num_batches
         self._require_epoch = require_epoch
@@ -330,11 +353,21 @@ class ShardLoader:
             raise RuntimeError("call loader.set_epoch(epoch) before iterating a train ShardLoader")
         loader = DataLoader(self._stream, batch_size=None, num_workers=self._num_workers,
                             persistent_workers=False)
+        step = 0
         for images, targets, (corrupt, shard_errors) in loader:
             self._corrupt += int(corrupt)
             self._shard_errors += int(shard_errors)
             if images is None:
                 continue
+            if self._device_decoder is not None:  # images: (bytes, lengths) of the batch
+                before = self._device_decoder.corrupt
+                images, targets = self._device_decoder(*images, targets, epoch=self._stream.epoch, step=step)
+                self._corrupt += self._device_decoder.corrupt - before
+                step += 1
+                if self._mixup_fn is not None and len(images) % 2:  # corrupt images dropped: mixup pairs
+                    images, targets = images[:-1], targets[:-1]
+                if len(images) == 0:
+                    continue
             if self._mixup_fn is not None:
                 images, targets = self._mixup_fn(images, targets)
             elif self._soft_target_fn is not None:
@@ -348,8 +381,12 @@ def create_train_loader(data_dir: str, split: str = "train", *, batch_size: int,
                         hflip: float = 0.5, scale: tuple = (0.08, 1.0), interpolation: str = "bicubic",
                         mean=None, std=None, mixup: float = 0.0, cutmix: float = 0.0,
                         label_smoothing: float = 0.1, resampled: bool = False,
-                        shuffle_buffer: int = 2000) -> ShardLoader:
-    """Training loader for ``rank`` of ``world_size``; fails here (not mid-epoch) on missing shards or too few."""
+                        shuffle_buffer: int = 2000, decode: str = "cpu",
+                        device: torch.device | str = "cpu") -> ShardLoader:
+    """Training loader for ``rank`` of ``world_size``; fails here (not mid-epoch) on missing shards or too few.
+
+    ``decode="cpu"``: workers decode (``pipelines.decode.DraftCropDecoder``) and augment; ``"gpu"``: workers
+    read bytes, batches are decoded and augmented on ``device`` (``pipelines.decode.DeviceDecoder``)."""
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} outside world size {world_size}")
     if (mixup > 0 or cutmix > 0) and batch_size % 2:
@@ -365,12 +402,27 @@ def create_train_loader(data_dir: str, split: str = "train", *, batch_size: int,
     if rank_batches == 0:
         raise ValueError(f"{data_dir} split {split!r} has {num_samples} samples, fewer than one batch of "
                          f"{batch_size} on each of {world_size} ranks")
-    transform = train_transform(img_size, in_chans=in_chans, auto_augment=auto_augment, re_prob=re_prob,
-                                hflip=hflip, scale=scale, interpolation=interpolation, mean=mean, std=std)
-    stream = _ShardStream(shards, lengths, train=True, batch_size=batch_size, transform=transform,
-                          image_mode="L" if in_chans == 1 else "RGB", rank=rank, world_size=world_size,
-                          num_workers=num_workers, seed=seed, rank_batches=rank_batches, resampled=resampled,
-                          shuffle_buffer=shuffle_buffer)
+    image_mode = "L" if in_chans == 1 else "RGB"
+    device_decoder = None
+    if decode == "gpu":
+        if auto_augment:
+            raise ValueError(f"data.decode=gpu has no RandAugment ({auto_augment!r}): set data.auto_augment=null "
+                             f"or data.decode=cpu")
+        mean, std = _mean_std(mean, std, in_chans)
+        device_decoder = DeviceDecoder(device, train=True, img_size=img_size, in_chans=in_chans, mean=mean,
+                                       std=std, seed=seed, rank=rank, scale=scale, hflip=hflip, re_prob=re_prob,
+                                       interpolation=interpolation)
+        codec = dict(decode=_encoded, transform=_encoded, collate=concat_encoded)
+    elif decode == "cpu":
+        draft = DraftCropDecoder(train_transform(img_size, in_chans=in_chans, auto_augment=auto_augment,
+                                                 re_prob=re_prob, hflip=hflip, scale=scale,
+                                                 interpolation=interpolation, mean=mean, std=std), image_mode)
+        codec = dict(decode=draft.decode, transform=draft.transform)
+    else:
+        raise ValueError(f"data.decode must be 'cpu' or 'gpu', got {decode!r}")
+    stream = _ShardStream(shards, lengths, train=True, batch_size=batch_size, image_mode=image_mode, rank=rank,
+                          world_size=world_size, num_workers=num_workers, seed=seed, rank_batches=rank_batches,
+                          resampled=resampled, shuffle_buffer=shuffle_buffer, **codec)
     mixup_fn = soft_target_fn = None
     if mixup > 0 or cutmix > 0:
         mixup_fn = Mixup(mixup_alpha=mixup, cutmix_alpha=cutmix, prob=1.0, switch_prob=0.5, mode="batch",
@@ -379,12 +431,14 @@ def create_train_loader(data_dir: str, split: str = "train", *, batch_size: int,
         def soft_target_fn(targets: torch.Tensor) -> torch.Tensor:
             return mixup_target(targets, num_classes, smoothing=label_smoothing)
     return ShardLoader(stream, num_workers=num_workers, num_batches=rank_batches, num_samples=num_samples,
-                       require_epoch=True, mixup_fn=mixup_fn, soft_target_fn=soft_target_fn)
+                       require_epoch=True, mixup_fn=mixup_fn, soft_target_fn=soft_target_fn,
+                       device_decoder=device_decoder)
 
 
 def create_eval_loader(data_dir: str, split: str = "validation", *, batch_size: int, img_size: int,
                        crop_pct: float = 0.875, rank: int = 0, world_size: int = 1, num_workers: int = 2,
-                       in_chans: int = 3, interpolation: str = "bicubic", mean=None, std=None) -> ShardLoader:
+                       in_chans: int = 3, interpolation: str = "bicubic", mean=None, std=None,
+                       decode: str = "cpu", device: torch.device | str = "cpu") -> ShardLoader:
     """Eval loader: across all ranks and workers every sample exactly once, last partial batches kept.
 
     Fewer shards than readers is allowed here (no rank waits for another inside the loader); the readers
@@ -393,11 +447,19 @@ def create_eval_loader(data_dir: str, split: str = "validation", *, batch_size: 
         raise ValueError(f"rank {rank} outside world size {world_size}")
     shards, lengths, num_samples = _split_shards(data_dir, split)
     mean, std = _mean_std(mean, std, in_chans)
-    transform = create_transform(img_size, is_training=False, crop_pct=crop_pct, interpolation=interpolation,
-                                 mean=mean, std=std)
-    stream = _ShardStream(shards, lengths, train=False, batch_size=batch_size, transform=transform,
+    device_decoder, codec = None, {}
+    if decode == "gpu":
+        device_decoder = DeviceDecoder(device, train=False, img_size=img_size, in_chans=in_chans, mean=mean,
+                                       std=std, interpolation=interpolation, crop_pct=crop_pct)
+        codec = dict(decode=_encoded, transform=_encoded, collate=concat_encoded)
+    elif decode == "cpu":
+        codec = dict(transform=create_transform(img_size, is_training=False, crop_pct=crop_pct,
+                                                interpolation=interpolation, mean=mean, std=std))
+    else:
+        raise ValueError(f"data.decode must be 'cpu' or 'gpu', got {decode!r}")
+    stream = _ShardStream(shards, lengths, train=False, batch_size=batch_size,
                           image_mode="L" if in_chans == 1 else "RGB", rank=rank, world_size=world_size,
-                          num_workers=num_workers)
+                          num_workers=num_workers, **codec)
     num_batches = eval_batches(lengths, shards, batch_size, rank, world_size, num_workers)
     return ShardLoader(stream, num_workers=num_workers, num_batches=num_batches, num_samples=num_samples,
-                       require_epoch=False)
+                       require_epoch=False, device_decoder=device_decoder)
