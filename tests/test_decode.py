@@ -222,3 +222,13 @@ def test_gpu_decode_rejects_randaugment(tmp_path):
     with pytest.raises(ValueError, match="data.auto_augment=null"):
         data.create_train_loader(str(tmp_path), batch_size=4, img_size=32, num_classes=4, num_workers=2,
                                  decode="gpu", auto_augment="rand-m9-mstd0.5-inc1")
+
+
+def test_config_decode_key():
+    from train.config import ConfigError, load_config
+    assert load_config("fashion_mnist", ["data.dir=x"]).data.decode == "cpu"
+    assert load_config("fashion_mnist", ["data.dir=x", "data.decode=gpu", "data.auto_augment=null"]).data.decode == "gpu"
+    with pytest.raises(ConfigError, match="data.decode must be 'cpu' or 'gpu', got 'tpu'"):
+        load_config("fashion_mnist", ["data.dir=x", "data.decode=tpu"])
+    with pytest.raises(ConfigError, match="data.decode=gpu has no RandAugment"):
+        load_config("fashion_mnist", ["data.dir=x", "data.decode=gpu", "data.auto_augment=rand-m9-mstd0.5"])
