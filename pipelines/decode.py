@@ -92,8 +92,8 @@ class _Normalize:
         self.std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
-        pixels = _pixels(img).permute(2, 0, 1).contiguous()
-        return pixels.float().div_(255).sub_(self.mean).div_(self.std)
+        pixels = _pixels(img).float().permute(2, 0, 1).contiguous()  # the float transpose is the faster one
+        return pixels.div_(255).sub_(self.mean).div_(self.std)
 
 
 class DraftCropDecoder:
@@ -174,9 +174,10 @@ def resize_box(img: Image.Image, box: tuple[int, int, int, int], size: tuple[int
         return resized_crop(img, top, left, bottom - top, right - left, [size[1], size[0]], interpolation)
     pixels = _pixels(img)
     region = pixels[top:bottom, left:right].permute(2, 0, 1).unsqueeze(0)
-    out = F.interpolate(region, size=(size[1], size[0]), mode=mode, antialias=True, align_corners=False)
-    out = out[0].permute(1, 2, 0).contiguous().numpy()
-    return Image.fromarray(out[:, :, 0] if img.mode == "L" else out, img.mode)
+    out = F.interpolate(region, size=(size[1], size[0]), mode=mode, antialias=True, align_corners=False)[0]
+    # planar (C, H, W) out: Pillow interleaves the planes faster than a torch transpose does
+    planes = [Image.frombuffer("L", size, plane.numpy(), "raw", "L", 0, 1) for plane in out]
+    return planes[0] if img.mode == "L" else Image.merge(img.mode, planes)
 
 
 # ----------------------------------------------------------------------------------------------------------
