@@ -232,3 +232,13 @@ def test_config_decode_key():
         load_config("fashion_mnist", ["data.dir=x", "data.decode=tpu"])
     with pytest.raises(ConfigError, match="data.decode=gpu has no RandAugment"):
         load_config("fashion_mnist", ["data.dir=x", "data.decode=gpu", "data.auto_augment=rand-m9-mstd0.5"])
+
+
+@pytest.mark.slow
+def test_train_runs_with_gpu_decode_on_cpu(shards, tmp_path):
+    """The trainer with data.decode=gpu on a CPU rank: workers read bytes, the rank decodes (PNGs here), trains
+    and evaluates."""
+    from tests.test_train import launch, ok
+    out = ok(launch(tmp_path / "run", shards, "data.decode=gpu", "schedule.epochs=1", "data.num_workers=1",
+                    nproc=1, timeout=240))
+    assert "top1" in out
