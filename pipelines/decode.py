@@ -6,7 +6,9 @@ crops a box of the fully decoded image and resizes it to the output size. Here t
 size in the JPEG header, with timm's own ``get_params`` (the same ``random`` draws in the same order, so the same
 seed gives the same boxes, the same flips and the same RandAugment draws as timm's transform on a full decode),
 then the JPEG is decoded with Pillow's ``draft`` at the smallest DCT scale (1/2, 1/4, 1/8) at which the box still
-covers the output size, and the box, mapped onto the reduced image, is resized to the output size. The rest of
+covers the output size, and the box, mapped onto the reduced image, is resized to the output size. A JPEG that
+needs its full scale is decoded by torchvision's libjpeg-turbo decoder straight into a tensor (the same pixels as
+Pillow's decode, without Pillow's copies). The rest of
 timm's transform (flip, RandAugment, random erasing) runs unchanged; ToTensor + Normalize are the same float ops
 without PIL's byte round trip. What changes numerically, and nothing else:
 
@@ -76,8 +78,8 @@ def reduced_box(box: tuple[int, int, int, int], scale: int, reduced_size: tuple[
 
 @dataclass
 class Drafted:
-    """An image decoded at a DCT reduction, with timm's box in original pixels and on the reduced image."""
-    image: Image.Image
+    """An image decoded at a DCT reduction, with timm's box in original pixels."""
+    pixels: torch.Tensor  # uint8 (C, H, W), the image reduced ``scale`` times
     box: tuple[int, int, int, int]  # (left, top, right, bottom) in the original image's pixels
     scale: int
     interpolation: int
@@ -106,6 +108,7 @@ class DraftCropDecoder:
         if not isinstance(crop, RandomResizedCropAndInterpolation):
             raise TypeError(f"the transform must start with timm's RandomResizedCropAndInterpolation, got {crop!r}")
         self.crop, self.image_mode = crop, image_mode
+        self.read_mode = ImageReadMode.GRAY if image_mode == "L" else ImageReadMode.RGB
         self.rest: list = []
         mean = None
         for step in rest:
@@ -130,10 +133,15 @@ class DraftCropDecoder:
             if isinstance(interpolation, (tuple, list)):
                 interpolation = random.choice(interpolation)
             out_h, out_w = self.crop.size
-            scale = 1
-            full_w = img.size[0]
+            box = (left, top, left + w, top + h)
+            scale, full_w = 1, img.size[0]
             if img.format == "JPEG":
                 wanted = draft_scale(w, h, out_w, out_h)
+                if wanted == 1 and (img.mode == self.image_mode or img.mode == "L"):
+                    # torchvision's libjpeg-turbo decode: the same pixels as Pillow's, straight into a tensor
+                    # (faster by Pillow's copies); an RGB JPEG to 'L' goes through Pillow's own conversion
+                    encoded = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+                    return Drafted(decode_jpeg(encoded, mode=self.read_mode), box, 1, interpolation)
                 drafted = img.draft(img.mode, (full_w // wanted, img.size[1] // wanted)) if wanted > 1 else None
                 if drafted is not None:
                     scale = round(full_w / drafted[1][2])
@@ -143,12 +151,12 @@ class DraftCropDecoder:
         except Exception:
             random.setstate(state)
             raise
-        return Drafted(img, (left, top, left + w, top + h), scale, interpolation)
+        return Drafted(_pixels(img).permute(2, 0, 1), box, scale, interpolation)
 
     def transform(self, drafted: Drafted) -> torch.Tensor:
         out_h, out_w = self.crop.size
-        box = reduced_box(drafted.box, drafted.scale, drafted.image.size)
-        img = resize_box(drafted.image, box, (out_w, out_h), drafted.interpolation)
+        box = reduced_box(drafted.box, drafted.scale, (drafted.pixels.shape[2], drafted.pixels.shape[1]))
+        img = resize_box(drafted.pixels, self.image_mode, box, (out_w, out_h), drafted.interpolation)
         for step in self.rest:
             img = step(img)
         return img
@@ -164,20 +172,25 @@ def _pixels(img: Image.Image) -> torch.Tensor:
     return pixels.unsqueeze(-1) if pixels.ndim == 2 else pixels
 
 
-def resize_box(img: Image.Image, box: tuple[int, int, int, int], size: tuple[int, int],
+def to_pil(pixels: torch.Tensor, mode: str) -> Image.Image:
+    """A uint8 (C, H, W) tensor as a Pillow image: Pillow interleaves the planes faster than a torch transpose."""
+    planes = [Image.frombuffer("L", (pixels.shape[2], pixels.shape[1]), plane.contiguous().numpy(), "raw", "L", 0, 1)
+              for plane in pixels]
+    return planes[0] if mode == "L" else Image.merge(mode, planes)
+
+
+def resize_box(pixels: torch.Tensor, mode: str, box: tuple[int, int, int, int], size: tuple[int, int],
                interpolation: InterpolationMode) -> Image.Image:
-    """timm's crop + resize of ``box`` (left, top, right, bottom) to ``size`` (w, h), with torch's uint8
-    antialiased kernels where they exist."""
-    mode = _TORCH_RESIZE.get(interpolation)
+    """timm's crop + resize of ``box`` (left, top, right, bottom) of a uint8 (C, H, W) image to ``size`` (w, h),
+    with torch's uint8 antialiased kernels where they exist."""
     left, top, right, bottom = box
-    if mode is None or img.mode not in ("L", "RGB"):
-        return resized_crop(img, top, left, bottom - top, right - left, [size[1], size[0]], interpolation)
-    pixels = _pixels(img)
-    region = pixels[top:bottom, left:right].permute(2, 0, 1).unsqueeze(0)
-    out = F.interpolate(region, size=(size[1], size[0]), mode=mode, antialias=True, align_corners=False)[0]
-    # planar (C, H, W) out: Pillow interleaves the planes faster than a torch transpose does
-    planes = [Image.frombuffer("L", size, plane.numpy(), "raw", "L", 0, 1) for plane in out]
-    return planes[0] if img.mode == "L" else Image.merge(img.mode, planes)
+    resample = _TORCH_RESIZE.get(interpolation)
+    if resample is None:
+        return resized_crop(to_pil(pixels, mode), top, left, bottom - top, right - left, [size[1], size[0]],
+                            interpolation)
+    region = pixels[None, :, top:bottom, left:right]
+    out = F.interpolate(region, size=(size[1], size[0]), mode=resample, antialias=True, align_corners=False)
+    return to_pil(out[0], mode)
 
 
 # ----------------------------------------------------------------------------------------------------------

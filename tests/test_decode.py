@@ -77,7 +77,7 @@ def test_draft_decode_draws_timms_boxes_and_leaves_the_stream_in_step(jpegs):
         boxes.append(drafted.box)
         scales.append(drafted.scale)
         full = Image.open(io.BytesIO(raw)).size
-        assert drafted.image.size == tuple(-(-n // drafted.scale) for n in full)
+        assert drafted.pixels.shape[1:] == tuple(-(-n // drafted.scale) for n in full[::-1])
         assert draft.transform(drafted).shape == (3, 224, 224)
     assert skipped == 2
     assert boxes == expected and random.random() == next_draw
