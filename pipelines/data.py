@@ -325,6 +325,8 @@ class _ShardStream(IterableDataset):
 
 class ShardLoader:
     """Iterable of (images float32 (B, C, H, W), targets) for one rank; call ``set_epoch`` before each epoch.
+    With a ``device_decoder`` (``decode="gpu"``) the workers send encoded bytes and the batches come out decoded
+    and augmented on its device, corrupt images dropped (a batch may then be short).
 
     ``len(loader)``: batches per epoch on this rank (train: the same on every rank; eval: an upper bound that
     is exact unless corrupt samples are skipped). ``stats``: {"corrupt_skipped": samples dropped for bad bytes
@@ -353,7 +355,8 @@ class ShardLoader:
 
     @property
     def stats(self) -> dict:
-        return {"corrupt_skipped": self._corrupt, "shard_read_errors": self._shard_errors}
+        device_corrupt = self._device_decoder.corrupt if self._device_decoder is not None else 0
+        return {"corrupt_skipped": self._corrupt + device_corrupt, "shard_read_errors": self._shard_errors}
 
     def __len__(self) -> int:
         return self._num_batches
@@ -363,17 +366,11 @@ class ShardLoader:
             raise RuntimeError("call loader.set_epoch(epoch) before iterating a train ShardLoader")
         loader = DataLoader(self._stream, batch_size=None, num_workers=self._num_workers,
                             persistent_workers=False)
-        step = 0
-        for images, targets, (corrupt, shard_errors) in loader:
-            self._corrupt += int(corrupt)
-            self._shard_errors += int(shard_errors)
-            if images is None:
-                continue
-            if self._device_decoder is not None:  # images: (bytes, lengths) of the batch
-                before = self._device_decoder.corrupt
-                images, targets = self._device_decoder(*images, targets, epoch=self._stream.epoch, step=step)
-                self._corrupt += self._device_decoder.corrupt - before
-                step += 1
+        batches = self._counted(loader)
+        if self._device_decoder is not None:  # the workers' batches are (bytes, lengths), targets
+            batches = self._device_decoder.decode_ahead(batches, epoch=self._stream.epoch)
+        for images, targets in batches:
+            if self._device_decoder is not None:
                 if self._mixup_fn is not None and len(images) % 2:  # corrupt images dropped: mixup pairs
                     images, targets = images[:-1], targets[:-1]
                 if len(images) == 0:
@@ -383,6 +380,13 @@ class ShardLoader:
             elif self._soft_target_fn is not None:
                 targets = self._soft_target_fn(targets)
             yield images, targets
+
+    def _counted(self, loader) -> Iterator[tuple]:
+        for images, targets, (corrupt, shard_errors) in loader:
+            self._corrupt += int(corrupt)
+            self._shard_errors += int(shard_errors)
+            if images is not None:
+                yield images, targets
 
 
 def create_train_loader(data_dir: str, split: str = "train", *, batch_size: int, img_size: int, num_classes: int,
