@@ -3,7 +3,6 @@ distributions, and it is deterministic, shaped right and counts corrupt images (
 from __future__ import annotations
 
 import io
-import math
 import random
 
 import numpy as np
