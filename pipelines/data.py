@@ -16,8 +16,8 @@ rank. A missing or unreadable shard, or too few shards for the readers, fails in
 """
 from __future__ import annotations
 
-import io
 import functools
+import io
 import json
 import logging
 import math
@@ -206,6 +206,15 @@ def stack_batch(images: list[torch.Tensor]) -> torch.Tensor:
 
 def _encoded(data: bytes) -> bytes:
     return data
+
+
+# data.decode=gpu: the workers pass the encoded bytes through, one block per batch
+_BYTES_CODEC = dict(decode=_encoded, transform=_encoded, collate=concat_encoded)
+
+
+def _check_decode(decode: str) -> None:
+    if decode not in ("cpu", "gpu"):
+        raise ValueError(f"data.decode must be 'cpu' or 'gpu', got {decode!r}")
 
 
 class _ShardStream(IterableDataset):
@@ -416,6 +425,7 @@ def create_train_loader(data_dir: str, split: str = "train", *, batch_size: int,
     if rank_batches == 0:
         raise ValueError(f"{data_dir} split {split!r} has {num_samples} samples, fewer than one batch of "
                          f"{batch_size} on each of {world_size} ranks")
+    _check_decode(decode)
     image_mode = "L" if in_chans == 1 else "RGB"
     device_decoder = None
     if decode == "gpu":
@@ -426,14 +436,12 @@ def create_train_loader(data_dir: str, split: str = "train", *, batch_size: int,
         device_decoder = DeviceDecoder(device, train=True, img_size=img_size, in_chans=in_chans, mean=mean,
                                        std=std, seed=seed, rank=rank, scale=scale, hflip=hflip, re_prob=re_prob,
                                        interpolation=interpolation)
-        codec = dict(decode=_encoded, transform=_encoded, collate=concat_encoded)
-    elif decode == "cpu":
+        codec = _BYTES_CODEC
+    else:
         draft = DraftCropDecoder(train_transform(img_size, in_chans=in_chans, auto_augment=auto_augment,
                                                  re_prob=re_prob, hflip=hflip, scale=scale,
                                                  interpolation=interpolation, mean=mean, std=std), image_mode)
         codec = dict(decode=draft.decode, transform=draft.transform)
-    else:
-        raise ValueError(f"data.decode must be 'cpu' or 'gpu', got {decode!r}")
     stream = _ShardStream(shards, lengths, train=True, batch_size=batch_size, image_mode=image_mode, rank=rank,
                           world_size=world_size, num_workers=num_workers, seed=seed, rank_batches=rank_batches,
                           resampled=resampled, shuffle_buffer=shuffle_buffer, **codec)
@@ -460,17 +468,16 @@ def create_eval_loader(data_dir: str, split: str = "validation", *, batch_size: 
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} outside world size {world_size}")
     shards, lengths, num_samples = _split_shards(data_dir, split)
+    _check_decode(decode)
     mean, std = _mean_std(mean, std, in_chans)
-    device_decoder, codec = None, {}
+    device_decoder = None
     if decode == "gpu":
         device_decoder = DeviceDecoder(device, train=False, img_size=img_size, in_chans=in_chans, mean=mean,
                                        std=std, interpolation=interpolation, crop_pct=crop_pct)
-        codec = dict(decode=_encoded, transform=_encoded, collate=concat_encoded)
-    elif decode == "cpu":
+        codec = _BYTES_CODEC
+    else:
         codec = dict(transform=create_transform(img_size, is_training=False, crop_pct=crop_pct,
                                                 interpolation=interpolation, mean=mean, std=std))
-    else:
-        raise ValueError(f"data.decode must be 'cpu' or 'gpu', got {decode!r}")
     stream = _ShardStream(shards, lengths, train=False, batch_size=batch_size,
                           image_mode="L" if in_chans == 1 else "RGB", rank=rank, world_size=world_size,
                           num_workers=num_workers, **codec)
