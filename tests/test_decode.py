@@ -241,3 +241,14 @@ def test_train_runs_with_gpu_decode_on_cpu(shards, tmp_path):
     out = ok(launch(tmp_path / "run", shards, "data.decode=gpu", "schedule.epochs=1", "data.num_workers=1",
                     nproc=1, timeout=240))
     assert "top1" in out
+
+
+def test_loader_benchmark_reports_gpu_decode_beside_cpu_and_imagefolder(capsys):
+    from pipelines.benchmark import loader as bench
+    assert bench.main(["--num-images", "16", "--batch-size", "4", "--img-size", "32", "--shard-size", "4",
+                       "--workers", "1", "--rounds", "1", "--decode", "gpu"]) == 0
+    out = capsys.readouterr().out
+    rows = {line.split("  ")[0].strip(): line.split() for line in out.splitlines()
+            if line.startswith(("shards", "ImageFolder"))}
+    assert set(rows) == {"shards (ours)", "ImageFolder", "shards, gpu decode"}
+    assert "cores" in out and "gpu decode:" in out and "CPU cores used" in out
