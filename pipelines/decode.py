@@ -8,9 +8,9 @@ seed gives the same boxes, the same flips and the same RandAugment draws as timm
 then the JPEG is decoded with Pillow's ``draft`` at the smallest DCT scale (1/2, 1/4, 1/8) at which the box still
 covers the output size, and the box, mapped onto the reduced image, is resized to the output size. A JPEG that
 needs its full scale is decoded by torchvision's libjpeg-turbo decoder straight into a tensor (the same pixels as
-Pillow's decode, without Pillow's copies). The rest of
-timm's transform (flip, RandAugment, random erasing) runs unchanged; ToTensor + Normalize are the same float ops
-without PIL's byte round trip. What changes numerically, and nothing else:
+Pillow's decode, without Pillow's copies). The rest of timm's transform (flip, RandAugment, random erasing) runs
+unchanged; ToTensor + Normalize are the same float ops without Pillow's byte round trip. What changes
+numerically, and nothing else:
 
 - at a DCT scale s > 1, libjpeg's scaled IDCT (each 8x8 block decoded straight to 8/s x 8/s pixels, a box-like
   low-pass) replaces a full decode followed by the antialiased resize's own low-pass over those s x s pixels; the
@@ -27,7 +27,10 @@ without PIL's byte round trip. What changes numerically, and nothing else:
 run it without a GPU), then random resized crop (timm's distributions), horizontal flip, normalization and random
 erasing (timm's ``const`` mode) run batched on the device. Every random draw comes from a generator seeded by
 (seed, epoch, rank, batch index): a batch is the same whatever happened before it, so exact resume holds. Images
-that fail to decode are dropped from the batch and counted. ``decode_ahead`` decodes one batch ahead on a side CUDA
+that fail to decode are dropped from the batch and counted. The draws are torch's, not Python's ``random``: the
+same distributions as timm's (tests/test_decode.py checks them), not the CPU path's sample-for-sample values; the
+resize is float antialiased bilinear/bicubic, and nvJPEG's IDCT and chroma upsampling are not libjpeg's (a few
+levels apart). ``decode_ahead`` decodes one batch ahead on a side CUDA
 stream, overlapping the training step. Not on this path yet: RandAugment (the loaders refuse it with
 ``decode=gpu``).
 """
