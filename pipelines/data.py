@@ -23,6 +23,7 @@ warning.
 """
 from __future__ import annotations
 
+import functools
 import io
 import itertools
 import json
@@ -30,7 +31,7 @@ import logging
 import math
 import os
 import random
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -39,6 +40,8 @@ from PIL import Image, ImageOps
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup, create_transform
 from timm.data.mixup import mixup_target
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from pipelines.decode import DeviceDecoder, DraftCropDecoder
 
 _logger = logging.getLogger(__name__)
 
@@ -224,13 +227,51 @@ def train_transform(img_size: int, *, in_chans: int = 3, auto_augment: str | Non
 # the per-worker stream
 
 
+def decode_full(data: bytes, mode: str) -> Image.Image:
+    """The whole image, decoded and converted to ``mode``."""
+    with Image.open(io.BytesIO(data)) as img:
+        return img.convert(mode)
+
+
+def concat_encoded(encoded: list[bytes]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch of encoded images as one uint8 tensor and their lengths: one shared-memory block per batch."""
+    flat = torch.frombuffer(bytearray(b"".join(encoded)), dtype=torch.uint8)
+    return flat, torch.tensor([len(e) for e in encoded], dtype=torch.int64)
+
+
+def stack_batch(images: list[torch.Tensor]) -> torch.Tensor:
+    """``torch.stack``, in a worker straight into shared memory (as DataLoader's default collate does): the
+    batch then crosses to the main process without another copy."""
+    out = None
+    if get_worker_info() is not None:
+        storage = images[0]._typed_storage()._new_shared(len(images) * images[0].numel())
+        out = images[0].new(storage).resize_(len(images), *images[0].shape)
+    return torch.stack(images, out=out)
+
+
+def _encoded(data: bytes) -> bytes:
+    return data
+
+
+# data.decode=gpu: the workers pass the encoded bytes through, one block per batch
+_BYTES_CODEC = dict(decode=_encoded, transform=_encoded, collate=concat_encoded)
+
+
+def _check_decode(decode: str) -> None:
+    if decode not in ("cpu", "gpu"):
+        raise ValueError(f"data.decode must be 'cpu' or 'gpu', got {decode!r}")
+
+
 class _ShardStream(IterableDataset):
     """Yields (images, targets, counts of bad data since the last yield, in ``COUNT_KEYS`` order) for one epoch."""
 
     def __init__(self, shards: list[str], shard_lengths: dict[str, int], *, train: bool, batch_size: int,
                  transform, image_mode: str, rank: int, world_size: int, num_workers: int, seed: int = 0,
-                 rank_batches: int = 0, resampled: bool = False, shuffle_buffer: int = 0):
+                 rank_batches: int = 0, resampled: bool = False, shuffle_buffer: int = 0, decode=None,
+                 collate=stack_batch):
         super().__init__()
+        self.decode = decode or functools.partial(decode_full, mode=image_mode)
+        self.collate = collate
         self.shards, self.shard_lengths = shards, shard_lengths
         self.train, self.batch_size, self.transform, self.image_mode = train, batch_size, transform, image_mode
         self.rank, self.world_size, self.num_workers, self.seed = rank, world_size, num_workers, seed
@@ -257,13 +298,12 @@ class _ShardStream(IterableDataset):
         self._warn("skipping unreadable shard data: %r", exc)
         return True
 
-    def _decode(self, sample: dict) -> tuple[Image.Image, int]:
+    def _decode(self, sample: dict) -> tuple[Any, int]:
         data = next((sample[k] for k in IMAGE_KEYS if k in sample), None)
         if data is None:
             raise ValueError(f"no image member ({'/'.join(IMAGE_KEYS)}); has {sorted(sample)}")
         target = int(sample["cls"])
-        with Image.open(io.BytesIO(data)) as img:
-            return img.convert(self.image_mode), target  # decodes: bad or truncated bytes raise here
+        return self.decode(data), target  # bad or truncated bytes raise here
 
     def _decoded(self, samples) -> Iterator[tuple[torch.Tensor, int]]:
         for sample in samples:
@@ -276,13 +316,18 @@ class _ShardStream(IterableDataset):
             yield self.transform(img), target  # a transform error is a bug, not bad data: it raises
 
     def _decodable(self, samples: list[dict]) -> bool:
-        for sample in samples:
-            try:
-                self._decode(sample)
-                return True
-            except Exception:  # counted and logged when the sample itself reaches _decoded
-                pass
-        return False
+        # the draft decoder draws its crop while decoding: this trial decode must not shift the draws
+        state = random.getstate()
+        try:
+            for sample in samples:
+                try:
+                    self._decode(sample)
+                    return True
+                except Exception:  # counted and logged when the sample itself reaches _decoded
+                    pass
+            return False
+        finally:
+            random.setstate(state)
 
     def _train_shards(self, worker_id: int) -> Iterator[str]:
         if self.resampled:
@@ -372,7 +417,7 @@ class _ShardStream(IterableDataset):
             yield None, None, self._pop_counts()
 
     def _collate(self, images, targets):
-        return torch.stack(images), torch.tensor(targets, dtype=torch.int64), self._pop_counts()
+        return self.collate(images), torch.tensor(targets, dtype=torch.int64), self._pop_counts()
 
     def _pop_counts(self) -> tuple[int, ...]:
         counts = tuple(self._counts[k] for k in COUNT_KEYS)
@@ -386,6 +431,8 @@ class _ShardStream(IterableDataset):
 
 class ShardLoader:
     """Iterable of (images float32 (B, C, H, W), targets) for one rank; call ``set_epoch`` before each epoch.
+    With a ``device_decoder`` (``decode="gpu"``) the workers send encoded bytes and the batches come out decoded
+    and augmented on its device, corrupt images dropped (a batch may then be short).
 
     ``len(loader)``: batches per epoch on this rank (train: the same on every rank; eval: an upper bound that
     is exact unless corrupt samples are skipped). ``stats``: {"corrupt_skipped": samples dropped for bad bytes
@@ -396,8 +443,10 @@ class ShardLoader:
     for a global count)."""
 
     def __init__(self, stream: _ShardStream, *, num_workers: int, num_batches: int, num_samples: int,
-                 require_epoch: bool, mixup_fn=None, soft_target_fn=None):
+                 require_epoch: bool, mixup_fn=None, soft_target_fn=None,
+                 device_decoder: DeviceDecoder | None = None):
         self._stream = stream
+        self._device_decoder = device_decoder
         self._num_workers = num_workers
         self._num_batches = num_batches
         self._require_epoch = require_epoch
@@ -413,7 +462,10 @@ class ShardLoader:
 
     @property
     def stats(self) -> dict:
-        return dict(self._counts)
+        counts = dict(self._counts)
+        if self._device_decoder is not None:
+            counts["corrupt_skipped"] += self._device_decoder.corrupt
+        return counts
 
     def __len__(self) -> int:
         return self._num_batches
@@ -423,17 +475,28 @@ class ShardLoader:
             raise RuntimeError("call loader.set_epoch(epoch) before iterating a train ShardLoader")
         loader = DataLoader(self._stream, batch_size=None, num_workers=self._num_workers,
                             persistent_workers=False)
+        batches = self._counted(loader)
+        if self._device_decoder is not None:  # the workers' batches are (bytes, lengths), targets
+            batches = self._device_decoder.decode_ahead(batches, epoch=self._stream.epoch)
+        for images, targets in batches:
+            if self._device_decoder is not None:
+                if self._mixup_fn is not None and len(images) % 2:  # corrupt images dropped: mixup pairs
+                    images, targets = images[:-1], targets[:-1]
+                if len(images) == 0:
+                    continue
+            if self._mixup_fn is not None:
+                images, targets = self._mixup_fn(images, targets)
+            elif self._soft_target_fn is not None:
+                targets = self._soft_target_fn(targets)
+            yield images, targets
+
+    def _counted(self, loader) -> Iterator[tuple]:
         try:
             for images, targets, counts in loader:
                 for key, count in zip(COUNT_KEYS, counts):
                     self._counts[key] += int(count)
-                if images is None:
-                    continue
-                if self._mixup_fn is not None:
-                    images, targets = self._mixup_fn(images, targets)
-                elif self._soft_target_fn is not None:
-                    targets = self._soft_target_fn(targets)
-                yield images, targets
+                if images is not None:
+                    yield images, targets
         except DataError as exc:
             lines = str(exc).strip().splitlines()
             if len(lines) == 1:
@@ -448,8 +511,12 @@ def create_train_loader(data_dir: str, split: str = "train", *, batch_size: int,
                         hflip: float = 0.5, scale: tuple = (0.08, 1.0), interpolation: str = "bicubic",
                         mean=None, std=None, mixup: float = 0.0, cutmix: float = 0.0,
                         label_smoothing: float = 0.1, resampled: bool = False,
-                        shuffle_buffer: int = 2000) -> ShardLoader:
-    """Training loader for ``rank`` of ``world_size``; fails here (not mid-epoch) on missing shards or too few."""
+                        shuffle_buffer: int = 2000, decode: str = "cpu",
+                        device: torch.device | str = "cpu") -> ShardLoader:
+    """Training loader for ``rank`` of ``world_size``; fails here (not mid-epoch) on missing shards or too few.
+
+    ``decode="cpu"``: workers decode (``pipelines.decode.DraftCropDecoder``) and augment; ``"gpu"``: workers
+    read bytes, batches are decoded and augmented on ``device`` (``pipelines.decode.DeviceDecoder``)."""
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} outside world size {world_size}")
     if num_workers < 0:
@@ -467,12 +534,26 @@ def create_train_loader(data_dir: str, split: str = "train", *, batch_size: int,
     if rank_batches == 0:
         raise DataError(f"{data_dir} split {split!r} has {num_samples} samples, fewer than one batch of "
                          f"{batch_size} on each of {world_size} ranks")
-    transform = train_transform(img_size, in_chans=in_chans, auto_augment=auto_augment, re_prob=re_prob,
-                                hflip=hflip, scale=scale, interpolation=interpolation, mean=mean, std=std)
-    stream = _ShardStream(shards, lengths, train=True, batch_size=batch_size, transform=transform,
-                          image_mode="L" if in_chans == 1 else "RGB", rank=rank, world_size=world_size,
-                          num_workers=num_workers, seed=seed, rank_batches=rank_batches, resampled=resampled,
-                          shuffle_buffer=shuffle_buffer)
+    _check_decode(decode)
+    image_mode = "L" if in_chans == 1 else "RGB"
+    device_decoder = None
+    if decode == "gpu":
+        if auto_augment:
+            raise ValueError(f"data.decode=gpu has no RandAugment ({auto_augment!r}): set data.auto_augment=null "
+                             f"or data.decode=cpu")
+        mean, std = _mean_std(mean, std, in_chans)
+        device_decoder = DeviceDecoder(device, train=True, img_size=img_size, in_chans=in_chans, mean=mean,
+                                       std=std, seed=seed, rank=rank, scale=scale, hflip=hflip, re_prob=re_prob,
+                                       interpolation=interpolation)
+        codec = _BYTES_CODEC
+    else:
+        draft = DraftCropDecoder(train_transform(img_size, in_chans=in_chans, auto_augment=auto_augment,
+                                                 re_prob=re_prob, hflip=hflip, scale=scale,
+                                                 interpolation=interpolation, mean=mean, std=std), image_mode)
+        codec = dict(decode=draft.decode, transform=draft.transform)
+    stream = _ShardStream(shards, lengths, train=True, batch_size=batch_size, image_mode=image_mode, rank=rank,
+                          world_size=world_size, num_workers=num_workers, seed=seed, rank_batches=rank_batches,
+                          resampled=resampled, shuffle_buffer=shuffle_buffer, **codec)
     mixup_fn = soft_target_fn = None
     if mixup > 0 or cutmix > 0:
         mixup_fn = Mixup(mixup_alpha=mixup, cutmix_alpha=cutmix, prob=1.0, switch_prob=0.5, mode="batch",
@@ -481,12 +562,14 @@ def create_train_loader(data_dir: str, split: str = "train", *, batch_size: int,
         def soft_target_fn(targets: torch.Tensor) -> torch.Tensor:
             return mixup_target(targets, num_classes, smoothing=label_smoothing)
     return ShardLoader(stream, num_workers=num_workers, num_batches=rank_batches, num_samples=num_samples,
-                       require_epoch=True, mixup_fn=mixup_fn, soft_target_fn=soft_target_fn)
+                       require_epoch=True, mixup_fn=mixup_fn, soft_target_fn=soft_target_fn,
+                       device_decoder=device_decoder)
 
 
 def create_eval_loader(data_dir: str, split: str = "validation", *, batch_size: int, img_size: int,
                        crop_pct: float = 0.875, rank: int = 0, world_size: int = 1, num_workers: int = 2,
-                       in_chans: int = 3, interpolation: str = "bicubic", mean=None, std=None) -> ShardLoader:
+                       in_chans: int = 3, interpolation: str = "bicubic", mean=None, std=None,
+                       decode: str = "cpu", device: torch.device | str = "cpu") -> ShardLoader:
     """Eval loader: across all ranks and workers every sample exactly once, last partial batches kept.
 
     Fewer shards than readers is allowed here (no rank waits for another inside the loader); the readers
@@ -496,12 +579,19 @@ def create_eval_loader(data_dir: str, split: str = "validation", *, batch_size: 
     if num_workers < 0:
         raise DataError(f"num_workers must be >= 0, got {num_workers}")
     shards, lengths, num_samples = _split_shards(data_dir, split)
+    _check_decode(decode)
     mean, std = _mean_std(mean, std, in_chans)
-    transform = create_transform(img_size, is_training=False, crop_pct=crop_pct, interpolation=interpolation,
-                                 mean=mean, std=std)
-    stream = _ShardStream(shards, lengths, train=False, batch_size=batch_size, transform=transform,
+    device_decoder = None
+    if decode == "gpu":
+        device_decoder = DeviceDecoder(device, train=False, img_size=img_size, in_chans=in_chans, mean=mean,
+                                       std=std, interpolation=interpolation, crop_pct=crop_pct)
+        codec = _BYTES_CODEC
+    else:
+        codec = dict(transform=create_transform(img_size, is_training=False, crop_pct=crop_pct,
+                                                interpolation=interpolation, mean=mean, std=std))
+    stream = _ShardStream(shards, lengths, train=False, batch_size=batch_size,
                           image_mode="L" if in_chans == 1 else "RGB", rank=rank, world_size=world_size,
-                          num_workers=num_workers)
+                          num_workers=num_workers, **codec)
     num_batches = eval_batches(lengths, shards, batch_size, rank, world_size, num_workers)
     return ShardLoader(stream, num_workers=num_workers, num_batches=num_batches, num_samples=num_samples,
-                       require_epoch=False)
+                       require_epoch=False, device_decoder=device_decoder)

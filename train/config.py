@@ -56,6 +56,7 @@ class DataConfig:
     label_smoothing: float = 0.0
     resampled: bool = False
     shuffle_buffer: int = 5000
+    decode: str = "cpu"  # cpu: workers decode and augment; gpu: workers read bytes, the training device decodes
 
 
 @dataclass
@@ -335,6 +336,11 @@ def check_static(cfg: TrainConfig) -> None:
                           f"{len(cfg.data.mean)}/{len(cfg.data.std)}")
     if len(cfg.optim.betas) != 2:
         raise ConfigError(f"optim.betas needs 2 values, got {cfg.optim.betas}")
+    if cfg.data.decode not in ("cpu", "gpu"):
+        raise ConfigError(f"data.decode must be 'cpu' or 'gpu', got {cfg.data.decode!r}")
+    if cfg.data.decode == "gpu" and cfg.data.auto_augment:
+        raise ConfigError(f"data.decode=gpu has no RandAugment ({cfg.data.auto_augment!r}): set "
+                          f"data.auto_augment=null or data.decode=cpu")
     if len(cfg.data.scale) != 2:
         raise ConfigError(f"data.scale needs 2 values, got {cfg.data.scale}")
     if not cfg.data.dir:

@@ -17,6 +17,7 @@ from typing import Optional
 import timm
 import torch
 import torch.distributed as dist
+from deepspeed.accelerator import get_accelerator
 from timm.utils import ModelEmaV3, distribute_bn
 
 import models  # noqa: F401  (registers mrconvnext_* in timm)
@@ -114,16 +115,19 @@ def run(cfg: TrainConfig, run_dir: str) -> int:
     amp_dtype = autocast_dtype(cfg)
 
     d = cfg.data
+    device = get_accelerator().current_device_name()  # where data.decode=gpu decodes
     train_loader = create_train_loader(
         d.dir, d.train_split, batch_size=d.batch_size, img_size=d.img_size, num_classes=num_classes, rank=rank,
         world_size=world_size, num_workers=d.num_workers, seed=cfg.seed, in_chans=cfg.model.in_chans,
         auto_augment=d.auto_augment, re_prob=d.re_prob, hflip=d.hflip, scale=tuple(d.scale),
         interpolation=d.interpolation, mean=d.mean, std=d.std, mixup=d.mixup, cutmix=d.cutmix,
-        label_smoothing=d.label_smoothing, resampled=d.resampled, shuffle_buffer=d.shuffle_buffer)
+        label_smoothing=d.label_smoothing, resampled=d.resampled, shuffle_buffer=d.shuffle_buffer,
+        decode=d.decode, device=device)
     eval_loader = create_eval_loader(
         d.dir, d.val_split, batch_size=d.eval_batch_size or d.batch_size, img_size=d.img_size,
         crop_pct=d.crop_pct, rank=rank, world_size=world_size, num_workers=d.num_workers,
-        in_chans=cfg.model.in_chans, interpolation=d.interpolation, mean=d.mean, std=d.std)
+        in_chans=cfg.model.in_chans, interpolation=d.interpolation, mean=d.mean, std=d.std,
+        decode=d.decode, device=device)
     # Whole accumulation windows per epoch, so an epoch ends on an optimizer update.
     updates_per_epoch = len(train_loader) // plan.grad_accum_steps
     if updates_per_epoch == 0:

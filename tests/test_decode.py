@@ -1,0 +1,254 @@
+"""pipelines.decode: the draft decode keeps timm's crops and draws; the device decoder's crops follow timm's
+distributions, and it is deterministic, shaped right and counts corrupt images (run here on the CPU)."""
+from __future__ import annotations
+
+import io
+import random
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipelines import data, decode
+from pipelines.benchmark.loader import synthetic_jpeg
+from tests.test_data import write_split
+
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+@pytest.fixture(scope="module")
+def jpegs() -> list[bytes]:
+    """Photo-like JPEGs of several sizes: 500x375 (ImageNet's typical size: no DCT reduction at 224) up to
+    1600x1200 (large crops decode at 1/2 or 1/4), one grayscale."""
+    rng = np.random.default_rng(0)
+    sizes = [(500, 375), (1600, 1200), (375, 500), (1200, 900), (900, 1600), (640, 480)] * 3
+    out = [synthetic_jpeg(rng, w, h) for w, h in sizes]
+    buf = io.BytesIO()
+    Image.open(io.BytesIO(out[1])).convert("L").save(buf, format="JPEG")
+    return out + [buf.getvalue()]
+
+
+def seed_all(seed: int) -> None:
+    """The three generators timm's transform draws from (RandAugment picks its ops with numpy's)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def timm_boxes(transform, images: list[bytes], seed: int) -> tuple[list[tuple], float]:
+    """The (left, top, right, bottom) boxes timm's transform crops from full decodes, and the next draw after."""
+    crop = transform.transforms[0]
+    boxes = []
+    get_params = crop.get_params
+
+    def recording(img, scale, ratio):
+        top, left, h, w = get_params(img, scale, ratio)
+        boxes.append((left, top, left + w, top + h))
+        return top, left, h, w
+
+    crop.get_params = recording
+    seed_all(seed)
+    for raw in images:
+        try:
+            img = data.decode_full(raw, "RGB")
+        except Exception:
+            continue
+        transform(img)
+    return boxes, random.random()
+
+
+def test_draft_decode_draws_timms_boxes_and_leaves_the_stream_in_step(jpegs):
+    corrupt = [b"\xff\xd8 not really a jpeg", jpegs[0][:2000]]  # garbage; a header with a truncated body
+    images = jpegs[:3] + corrupt[:1] + jpegs[3:9] + corrupt[1:] + jpegs[9:]
+    transform = data.train_transform(224)  # RandAugment and random erasing draw from the same stream too
+    expected, next_draw = timm_boxes(data.train_transform(224), images, seed=3)
+
+    draft = decode.DraftCropDecoder(transform, "RGB")
+    seed_all(3)
+    boxes, scales, skipped = [], [], 0
+    for raw in images:
+        try:
+            drafted = draft.decode(raw)
+        except Exception:
+            skipped += 1
+            continue
+        boxes.append(drafted.box)
+        scales.append(drafted.scale)
+        full = Image.open(io.BytesIO(raw)).size
+        assert drafted.pixels.shape[1:] == tuple(-(-n // drafted.scale) for n in full[::-1])
+        assert draft.transform(drafted).shape == (3, 224, 224)
+    assert skipped == 2
+    assert boxes == expected and random.random() == next_draw
+    assert set(scales) >= {1, 2}  # some crops are decoded reduced, the 500x375 ones never
+    for (left, top, right, bottom), s in zip(boxes, scales):  # the smallest decode that covers the output
+        assert s == decode.draft_scale(right - left, bottom - top, 224, 224)
+
+
+def test_draft_decode_matches_timms_pixels(jpegs):
+    """Without RandAugment: at full scale the outputs differ only by the resize kernels' integer arithmetic
+    (torch's and Pillow's: about 0.01 level on average); at a reduction the scaled IDCT and the box rounded to
+    the reduced grid add a few levels on these textured images, less after an 8x8 average (low frequencies)."""
+    kw = dict(auto_augment=None, re_prob=0.0)
+    timm_t = data.train_transform(224, **kw)
+    draft = decode.DraftCropDecoder(data.train_transform(224, **kw), "RGB")
+    for k, raw in enumerate(jpegs[:12]):
+        seed_all(k)
+        ref = timm_t(data.decode_full(raw, "RGB"))
+        seed_all(k)
+        drafted = draft.decode(raw)
+        out = draft.transform(drafted)
+        assert out.dtype == torch.float32 and out.shape == ref.shape
+        levels = (out - ref) * torch.tensor(STD).view(3, 1, 1) * 255
+        low = torch.nn.functional.avg_pool2d(levels[None], 8).abs().mean()
+        if drafted.scale == 1:
+            assert levels.abs().mean() < 0.05, (k, levels.abs().mean())
+        else:
+            assert levels.abs().mean() < 5 and low < 3, (k, drafted.scale, levels.abs().mean(), low)
+
+
+def test_draft_scale_and_reduced_box():
+    assert decode.draft_scale(447, 1000, 224, 224) == 1
+    assert decode.draft_scale(448, 448, 224, 224) == 2
+    assert decode.draft_scale(1800, 1000, 224, 224) == 4
+    assert decode.draft_scale(100, 100, 224, 224) == 1  # upsampled: decoded in full
+    assert decode.reduced_box((3, 5, 903, 605), 2, (800, 600)) == (2, 2, 452, 302)
+    assert decode.reduced_box((0, 0, 1599, 1199), 4, (400, 300)) == (0, 0, 400, 300)
+
+
+def ks_distance(a: np.ndarray, b: np.ndarray) -> float:
+    """Two-sample Kolmogorov-Smirnov statistic."""
+    grid = np.sort(np.concatenate([a, b]))
+    fa = np.searchsorted(np.sort(a), grid, side="right") / len(a)
+    fb = np.searchsorted(np.sort(b), grid, side="right") / len(b)
+    return float(np.abs(fa - fb).max())
+
+
+@pytest.mark.parametrize("size", [(375, 500), (500, 375), (64, 400)])  # the last often falls back
+def test_device_crops_follow_timms_distributions(size):
+    from timm.data.transforms import RandomResizedCropAndInterpolation as RRC
+    n, scale, ratio = 2000, (0.08, 1.0), (3 / 4, 4 / 3)
+    img = Image.new("RGB", (size[1], size[0]))
+    random.seed(0)
+    ref = np.array([RRC.get_params(img, scale, ratio) for _ in range(n)], dtype=np.float64)
+    gen = torch.Generator().manual_seed(0)
+    ours = decode.random_resized_boxes(torch.tensor([size] * n), scale, ratio, gen).double().numpy()
+    h, w = size
+    assert (ours[:, 0] >= 0).all() and (ours[:, 1] >= 0).all()
+    assert (ours[:, 0] + ours[:, 2] <= h).all() and (ours[:, 1] + ours[:, 3] <= w).all()
+    # KS at the 0.1% level for n = m = 2000: 1.949 * sqrt(2 / 2000) = 0.062
+    for name, f in {"area": lambda b: b[:, 2] * b[:, 3] / (h * w), "log ratio": lambda b: np.log(b[:, 3] / b[:, 2]),
+                    "top": lambda b: b[:, 0], "left": lambda b: b[:, 1]}.items():
+        assert ks_distance(f(ref), f(ours)) < 0.062, name
+
+
+def test_erasing_boxes_follow_timms_distribution():
+    from timm.data.random_erasing import RandomErasing
+    n = 2000
+    erase = RandomErasing(probability=1.0, mode="const", device="cpu")
+    random.seed(0)
+    ref = []
+    for _ in range(n):
+        x = torch.ones(3, 224, 224)
+        erase(x)
+        ys, xs = torch.nonzero(x[0] == 0, as_tuple=True)
+        ref.append((ys.min(), xs.min(), ys.max() - ys.min() + 1, xs.max() - xs.min() + 1) if len(ys) else (0, 0, 0, 0))
+    ref = np.array(ref, dtype=np.float64)
+    ours = decode.erasing_boxes(n, 224, 224, 1.0, torch.Generator().manual_seed(0)).double().numpy()
+    for f in (lambda b: b[:, 2] * b[:, 3], lambda b: b[:, 0], lambda b: b[:, 1]):
+        assert ks_distance(f(ref), f(ours)) < 0.062
+    assert (decode.erasing_boxes(n, 224, 224, 0.25, torch.Generator().manual_seed(1))[:, 2] > 0).float().mean() \
+        == pytest.approx(0.25, abs=0.03)
+
+
+def encoded_batch(images: list[bytes]) -> tuple[torch.Tensor, torch.Tensor]:
+    return data.concat_encoded(images)
+
+
+def test_device_decoder_on_cpu_is_deterministic_shaped_and_counts_corrupt(jpegs):
+    png = io.BytesIO()
+    Image.new("RGB", (60, 40), (10, 200, 30)).save(png, format="PNG")
+    batch = jpegs[:5] + [b"\xff\xd8 not really a jpeg", png.getvalue(), jpegs[0][:3000], b"plain text"]
+    flat, lengths = encoded_batch(batch)
+    targets = torch.arange(len(batch))
+    kw = dict(img_size=64, mean=MEAN, std=STD, seed=5, rank=1, re_prob=0.5)
+    dec = decode.DeviceDecoder("cpu", train=True, **kw)
+    images, out_targets = dec(flat, lengths, targets, epoch=2, step=7)
+    assert images.shape == (6, 3, 64, 64) and images.dtype == torch.float32 and images.device.type == "cpu"
+    assert out_targets.tolist() == [0, 1, 2, 3, 4, 6] and dec.corrupt == 3
+    again, _ = decode.DeviceDecoder("cpu", train=True, **kw)(flat, lengths, targets, epoch=2, step=7)
+    assert torch.equal(images, again)  # a batch depends only on (seed, epoch, rank, step)
+    other, _ = dec(flat, lengths, targets, epoch=2, step=8)
+    assert not torch.equal(images, other)
+    assert images.min() >= (0 - max(MEAN)) / min(STD) - 1e-5 and images.max() <= (1 - min(MEAN)) / min(STD) + 1e-5
+
+    ev = decode.DeviceDecoder("cpu", train=False, img_size=64, mean=MEAN, std=STD, crop_pct=0.875)
+    out, _ = ev(flat, lengths, targets)
+    assert out.shape == (6, 3, 64, 64) and ev.corrupt == 3
+    # the PNG is one colour: its centre crop is that colour, normalized
+    expected = (torch.tensor([10, 200, 30]) / 255 - torch.tensor(MEAN)) / torch.tensor(STD)
+    assert torch.allclose(out[5, :, 32, 32], expected, atol=1e-4)
+
+    gray = decode.DeviceDecoder("cpu", train=True, img_size=32, in_chans=1, mean=(0.45,), std=(0.226,))
+    assert gray(*encoded_batch(jpegs[:3]), targets[:3])[0].shape == (3, 1, 32, 32)
+
+
+def test_gpu_decode_loader_on_cpu_same_labels_as_cpu_decode_and_repeatable(tmp_path):
+    write_split(tmp_path / "clean", "train", [8] * 4)
+    write_split(tmp_path / "bad", "train", [8] * 4, corrupt={(1, 3)})
+    kw = dict(batch_size=4, img_size=32, num_classes=4, num_workers=2, seed=1, label_smoothing=0.0,
+              auto_augment=None, shuffle_buffer=16)
+
+    def epoch(loader):
+        loader.set_epoch(0)
+        return [(x, y) for x, y in loader]
+
+    cpu_batches = epoch(data.create_train_loader(str(tmp_path / "clean"), **kw))
+    gpu = data.create_train_loader(str(tmp_path / "clean"), decode="gpu", device="cpu", re_prob=0.25, **kw)
+    gpu_batches = epoch(gpu)
+    assert [y.tolist() for _, y in gpu_batches] == [y.tolist() for _, y in cpu_batches]
+    assert all(x.shape == (4, 3, 32, 32) and x.dtype == torch.float32 for x, _ in gpu_batches)
+    again = epoch(gpu)
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(gpu_batches, again))
+
+    bad = data.create_train_loader(str(tmp_path / "bad"), decode="gpu", device="cpu", **kw)
+    sizes = [len(y) for _, y in epoch(bad)]
+    assert sorted(sizes) == [3] + [4] * 7 and bad.stats["corrupt_skipped"] == 1
+
+
+def test_gpu_decode_rejects_randaugment(tmp_path):
+    write_split(tmp_path, "train", [8] * 4)
+    with pytest.raises(ValueError, match="data.auto_augment=null"):
+        data.create_train_loader(str(tmp_path), batch_size=4, img_size=32, num_classes=4, num_workers=2,
+                                 decode="gpu", auto_augment="rand-m9-mstd0.5-inc1")
+
+
+def test_config_decode_key():
+    from train.config import ConfigError, load_config
+    assert load_config("fashion_mnist", ["data.dir=x"]).data.decode == "cpu"
+    assert load_config("fashion_mnist", ["data.dir=x", "data.decode=gpu", "data.auto_augment=null"]).data.decode == "gpu"
+    with pytest.raises(ConfigError, match="data.decode must be 'cpu' or 'gpu', got 'tpu'"):
+        load_config("fashion_mnist", ["data.dir=x", "data.decode=tpu"])
+    with pytest.raises(ConfigError, match="data.decode=gpu has no RandAugment"):
+        load_config("fashion_mnist", ["data.dir=x", "data.decode=gpu", "data.auto_augment=rand-m9-mstd0.5"])
+
+
+@pytest.mark.slow
+def test_train_runs_with_gpu_decode_on_cpu(shards, tmp_path):
+    """The trainer with data.decode=gpu on a CPU rank: workers read bytes, the rank decodes (PNGs here), trains
+    and evaluates."""
+    from tests.test_train import launch, ok
+    out = ok(launch(tmp_path / "run", shards, "data.decode=gpu", "schedule.epochs=1", "data.num_workers=1",
+                    nproc=1, timeout=240))
+    assert "top1" in out
+
+
+def test_loader_benchmark_reports_gpu_decode_beside_cpu_and_imagefolder(capsys):
+    from pipelines.benchmark import loader as bench
+    assert bench.main(["--num-images", "16", "--batch-size", "4", "--img-size", "32", "--shard-size", "4",
+                       "--workers", "1", "--rounds", "1", "--decode", "gpu"]) == 0
+    out = capsys.readouterr().out
+    rows = {line.split("  ")[0].strip(): line.split() for line in out.splitlines()
+            if line.startswith(("shards", "ImageFolder"))}
+    assert set(rows) == {"shards (ours)", "ImageFolder", "shards, gpu decode"}
+    assert "cores" in out and "gpu decode:" in out and "CPU cores used" in out
