@@ -244,10 +244,12 @@ def accuracy_throughput_figure(points: Sequence[Point], *, title: str = "Top-1 v
                            edgecolors=colour, linewidths=1.2, zorder=3)
                 ax.annotate("", (p.throughput, p.top1), xytext=(p.unfused_throughput, p.top1),
                             arrowprops=dict(arrowstyle="->", color=colour, lw=1, shrinkA=6, shrinkB=8), zorder=2)
-            if not reference:
-                gm = f", {p.gmacs:.2f} GMACs" if p.gmacs else ""
-                ax.annotate(f"{p.label}{gm}", (p.throughput, p.top1), textcoords="offset points", xytext=(6, 6),
-                            fontsize=8)
+    # Labels alternate above and below in order of throughput, so neighbours at similar accuracy stay legible.
+    labelled = sorted((p for p in points if not p.reference), key=lambda p: p.throughput)
+    for k, p in enumerate(labelled):
+        gm = f", {p.gmacs:.2f} GMACs" if p.gmacs else ""
+        ax.annotate(f"{p.label}{gm}", (p.throughput, p.top1), textcoords="offset points",
+                    xytext=(6, 6 if k % 2 == 0 else -14), fontsize=8)
     if any(p.unfused_throughput for p in points):
         ax.scatter([], [], s=60, facecolors="none", edgecolors="grey", label="unfused (training form) -> fused")
     speeds = [p.throughput for p in points] + [p.unfused_throughput for p in points if p.unfused_throughput]
