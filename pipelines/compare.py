@@ -15,7 +15,8 @@ one row per model), ``bench.csv`` (timm's benchmark format) and ``accuracy_throu
 Locally the trainings run one after another (``torchrun`` with ``--ranks`` ranks); re-running skips the finished
 ones and resumes an interrupted one from its checkpoint. With ``--slurm`` the unfinished models go out as one job
 array of ``slurm/sweep.sbatch`` (also ``python -m slurm.submit --sweep CONFIG --models ...``); afterwards the same
-command with ``--collect`` exports, evaluates, benchmarks and plots the finished runs.
+command with ``--collect`` instead exports, evaluates, benchmarks and plots the finished runs (submitting again
+while the array runs would queue its unfinished models twice).
 
 This module imports no torch: ``slurm.submit`` uses it on login nodes. The heavy steps are the repository's own
 commands, printed before they run.
@@ -28,6 +29,7 @@ import csv
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -229,6 +231,9 @@ def submit_array(cfg: TrainConfig, recipes: dict[str, str], out: str, args: argp
     if args.dry_run:
         print(shlex.join(cmd))
         return 0
+    if shutil.which("sbatch") is None:
+        raise CompareError("sbatch not found: run this on a SLURM login node (or start the local cluster: "
+                           "bash slurm/local_cluster.sh up; export SLURM_CONF=...)")
     os.makedirs(os.path.join(out, "logs"), exist_ok=True)
     result = subprocess.run(cmd, capture_output=True, text=True)
     if result.returncode != 0:
@@ -236,8 +241,7 @@ def submit_array(cfg: TrainConfig, recipes: dict[str, str], out: str, args: argp
     job_id = result.stdout.strip().split(";")[0]
     print(f"submitted job array {job_id}: {', '.join(f'{i}={n}' for i, n in enumerate(todo))}\n"
           f"  logs:    {os.path.join(out, 'logs')}\n"
-          f"  collect: python -m pipelines.compare --config {args.config} --models {','.join(recipes)} "
-          f"--out {out} --collect")
+          f"  then:    the same command with --collect instead of --slurm, once the tasks have finished")
     return 0
 
 
@@ -297,7 +301,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"\n== {i}/{len(models)} train {name} -> {run_dir}")
                 run(train_cmd(recipes[name], run_dir, args.ranks), env=env)
         with open(os.path.join(data, "_info.json")) as f:
-            num_classes = cfg.model.num_classes or len(json.load(f)["classes"])
+            num_classes = cfg.model.num_classes or len(json.load(f).get("classes") or [])
+        if not num_classes:
+            raise CompareError(f"{data}/_info.json lists no classes: set model.num_classes (--set)")
         paths = collect(cfg, models, out, data, num_classes, env, args)
     except (CompareError, ConfigError) as exc:
         print(f"compare: error: {exc}", file=sys.stderr)

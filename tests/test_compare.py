@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import re
 import subprocess
 import sys
@@ -39,9 +38,10 @@ def rows(path: Path) -> list[dict]:
 
 
 def stamps(run_dir: Path) -> dict[str, int]:
-    """mtime of every file of a run: a run retrained or re-exported changes them."""
-    return {str(p.relative_to(run_dir)): p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()
-            and p.name not in ("recipe.yaml",)}
+    """mtime of every file of a run: a run retrained, re-exported or re-evaluated changes them. Not recipe.yaml,
+    which every call writes again (same content)."""
+    return {str(p.relative_to(run_dir)): p.stat().st_mtime_ns for p in run_dir.rglob("*")
+            if p.is_file() and p.name != "recipe.yaml"}
 
 
 @pytest.fixture(scope="module")
