@@ -112,8 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     peer = cfg.model.name.replace("mrconvnext_", "convnext_", 1)
     # On a GPU the peer costs little next to the MRConvNeXt; on 2 CPU cores it would break the 15-minute demo.
     with_peer = (args.with_peer or torch.cuda.is_available()) and peer != cfg.model.name
-    peer_dir = os.path.join(args.run_dir, peer)
     run_dir, data = args.run_dir, args.data
+    peer_dir = os.path.join(run_dir, peer)
     weights = os.path.join(run_dir, "model.safetensors")
     results_csv, bench_csv = os.path.join(run_dir, "results.csv"), os.path.join(run_dir, "bench.csv")
     t0 = time.perf_counter()
@@ -153,8 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     from pipelines.data import read_info
 
     num_classes = cfg.model.num_classes or len(read_info(data)["classes"])
-    kwargs = dict(cfg.model.kwargs)
-    img_size = kwargs.pop("img_size", cfg.data.img_size)
+    img_size = cfg.model.kwargs.get("img_size", cfg.data.img_size)
+    kwargs = compare.bench_kwargs(cfg, [cfg.model.name, peer])
     run([py, "-m", "pipelines.benchmark", "models", "--models", f"{cfg.model.name}@fused",
          f"{cfg.model.name}@unfused", peer, "--img-size", str(img_size), "--in-chans", str(cfg.model.in_chans),
          "--num-classes", str(num_classes), "--model-kwargs", json.dumps(kwargs), "--batch-size", "256",
