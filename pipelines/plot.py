@@ -190,10 +190,10 @@ def log_ticks(lo: float, hi: float) -> list[float]:
         ticks = sorted(m * 10.0 ** d for d in decades for m in mantissas if lo <= m * 10.0 ** d <= hi)
         if len(ticks) >= 3:
             break
-    if len(ticks) < 2:  # a range narrower than the gap between 1-9 mantissas: plain round numbers
+    if len(ticks) < 3:  # within a decade (900-1,500): plain round numbers, as on a linear axis
         from matplotlib.ticker import MaxNLocator
 
-        ticks = [float(t) for t in MaxNLocator(nbins=3).tick_values(lo, hi) if lo <= t <= hi]
+        ticks = [float(t) for t in MaxNLocator(nbins=4, steps=[1, 2, 5, 10]).tick_values(lo, hi) if lo <= t <= hi]
     kept: list[float] = []
     for t in ticks:
         if not kept or np.log10(t / kept[-1]) >= MIN_TICK_GAP * width:
@@ -247,7 +247,7 @@ def accuracy_throughput_figure(points: Sequence[Point], *, title: str = "Top-1 v
     # Labels alternate above and below in order of throughput, so neighbours at similar accuracy stay legible.
     labelled = sorted((p for p in points if not p.reference), key=lambda p: p.throughput)
     for k, p in enumerate(labelled):
-        gm = f", {p.gmacs:.2f} GMACs" if p.gmacs else ""
+        gm = f", {p.gmacs:.3g} GMACs" if p.gmacs else ""
         ax.annotate(f"{p.label}{gm}", (p.throughput, p.top1), textcoords="offset points",
                     xytext=(6, 6 if k % 2 == 0 else -14), fontsize=8)
     if any(p.unfused_throughput for p in points):
@@ -261,6 +261,7 @@ def accuracy_throughput_figure(points: Sequence[Point], *, title: str = "Top-1 v
     ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: _tick_label(v)))
     ax.xaxis.set_minor_formatter(NullFormatter())  # unlabelled minor ticks: labelled ones overlapped
     ax.set_xlabel(xlabel + (f"\n{caption}" if caption else ""))
+    ax.margins(y=0.12)  # room for the labels of the highest and lowest points
     ax.set_ylabel("top-1 accuracy (%)")
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
