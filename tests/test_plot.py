@@ -113,8 +113,8 @@ def test_figure_returns_both_families_their_fronts_and_the_unfused_throughput():
     plot.plt.close(fig)
 
 
-@pytest.mark.parametrize("lo, hi", [(847, 1479), (9.6, 56), (2000, 120_000), (7000, 12_000), (8000, 100_000), (2500, 2800),
-                                    (50, 5e6)])
+@pytest.mark.parametrize("lo, hi", [(847, 1479), (9.6, 56), (2000, 120_000), (7000, 12_000), (8000, 100_000),
+                                    (2500, 2800), (50, 5e6)])
 def test_log_ticks_are_round_few_and_apart(lo, hi):
     ticks = plot.log_ticks(lo, hi)
     assert 2 <= len(ticks) <= 7, ticks
