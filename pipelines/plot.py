@@ -224,12 +224,12 @@ def accuracy_throughput_figure(points: Sequence[Point], *, title: str = "Top-1 v
     biggest = max(known) if known else 1.0
     fronts = family_fronts(points)
     colours, greys = plt.get_cmap("tab10"), plt.get_cmap("Greys")
-    ours = [f for f in fronts if not f.endswith("(reference)")]
+    ours = [f for f in fronts if not any(p.reference for p in points if p.family == f)]
+    references = [f for f in fronts if f not in ours]
     for fam, front in fronts.items():
         members = sorted((p for p in points if p.family == fam), key=lambda p: p.throughput)
-        reference = members[0].reference
-        colour = greys(0.45 + 0.4 * (list(fronts).index(fam) % 3) / 2) if reference else \
-            colours(ours.index(fam) % 10)
+        reference = fam in references
+        colour = greys(0.4 + 0.2 * (references.index(fam) % 3)) if reference else colours(ours.index(fam) % 10)
         xs, ys = [p.throughput for p in members], [p.top1 for p in members]
         ax.scatter(xs, ys, s=[marker_area(p.gmacs, biggest) for p in members], color=colour,
                    alpha=0.5 if reference else 0.85, marker="s" if reference else "o", edgecolors="white",
