@@ -3,7 +3,11 @@
     python -m pipelines.plot --results CSV [CSV ...] --bench CSV [CSV ...] --out FILE.png [--title T]
         top-1 (timm's results CSV: ours from pipelines.evaluate, or timm's published results-imagenet.csv)
         against inference throughput (timm's benchmark CSV from python -m pipelines.benchmark models), log x;
-        one labelled point per model, families as lines, the Pareto front marked, marker area by GMACs.
+        one labelled point per model, each family with its Pareto front, marker area by GMACs, a hollow marker
+        and an arrow from the unfused to the fused throughput of a model benchmarked in both forms, the device
+        and settings of the benchmark (its side file OUT.csv.json) in the caption.
+        [--reference-results CSV ... --reference-bench CSV ...] adds published rows (timm's
+        results-imagenet.csv and benchmark CSVs) as grey reference families.
     python -m pipelines.plot alpha --model NAME --checkpoint FILE --out FILE.png [--model-kwargs JSON]
         per-stage heat maps of ||alpha_i||^2 (summed over channels) per block and resolution (paper, Fig. 3b).
     python -m pipelines.plot kernels --model NAME --checkpoint FILE [--layer stages.2.blocks.0.conv_dw]
@@ -33,7 +37,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
-from matplotlib.ticker import ScalarFormatter  # noqa: E402
+from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter  # noqa: E402
 
 # Size words of timm's model names (convnext_tiny, vit_base_patch16_224, mrconvnext_atto, ...).
 SIZE_WORDS = {"atto", "femto", "pico", "nano", "tiny", "small", "medium", "base", "large", "xlarge", "xxlarge",
@@ -74,6 +78,8 @@ class Point:
     throughput: float  # samples/s
     gmacs: float | None
     bench_model: str  # the benchmark row it came from
+    unfused_throughput: float | None = None  # the same model's training form, when it was benchmarked too
+    reference: bool = False  # from published CSVs (--reference-results), drawn in grey
 
 
 def read_csvs(paths: Iterable[str]) -> list[dict[str, str]]:
@@ -91,7 +97,7 @@ def _float(value: str | None) -> float | None:
         return None
 
 
-def join(results: Sequence[Mapping[str, str]], bench: Sequence[Mapping[str, str]]
+def join(results: Sequence[Mapping[str, str]], bench: Sequence[Mapping[str, str]], reference: bool = False
          ) -> tuple[list[Point], list[str]]:
     """Points for every results row whose model (and image size) was benchmarked; notes on the rest."""
     notes: list[str] = []
@@ -126,7 +132,10 @@ def join(results: Sequence[Mapping[str, str]], bench: Sequence[Mapping[str, str]
             notes.append(f"{row['model']}: no top1 or throughput value")
             continue
         label = row["model"] if bases.count(key) > 1 else key
-        points.append(Point(label, family(key), top1, speed, _float(b.get("infer_gmacs")), b["model"]))
+        unfused = by_base[key].get("unfused")
+        slow = _float(unfused.get("infer_samples_per_sec")) if unfused is not None and unfused is not b else None
+        fam = f"{family(key)} (reference)" if reference else family(key)
+        points.append(Point(label, fam, top1, speed, _float(b.get("infer_gmacs")), b["model"], slow, reference))
         used.add(key)
     if no_bench:
         shown = ", ".join(no_bench[:5]) + (f" and {len(no_bench) - 5} more" if len(no_bench) > 5 else "")
@@ -157,42 +166,133 @@ def _figure(size_px: tuple[int, int], dpi: int, **kwargs) -> tuple[Figure, np.nd
     return fig, axes
 
 
+def family_fronts(points: Sequence[Point]) -> dict[str, list[int]]:
+    """Per family, the indices (into ``points``) of its Pareto front, by increasing throughput."""
+    fronts = {}
+    for fam in sorted({p.family for p in points}):
+        members = [i for i, p in enumerate(points) if p.family == fam]
+        fronts[fam] = [members[j] for j in pareto_front([points[i] for i in members])]
+    return fronts
+
+
+# Tick mantissas on a log axis, sparse to dense: the first set that gives at least 3 ticks is used.
+TICK_MANTISSAS = ((1,), (1, 2, 5), (1, 2, 3, 5), (1, 2, 3, 4, 5, 6, 7, 8, 9))
+MIN_TICK_GAP = 0.08  # of the axis' log width: closer labels ("9,000" and "10,000") would overlap
+
+
+def log_ticks(lo: float, hi: float) -> list[float]:
+    """Readable major ticks for a log axis from ``lo`` to ``hi``: round values, at least two where the range
+    allows, none closer than MIN_TICK_GAP of the axis."""
+    width = np.log10(hi / lo)
+    decades = range(int(np.floor(np.log10(lo))), int(np.ceil(np.log10(hi))) + 1)
+    ticks: list[float] = []
+    for mantissas in TICK_MANTISSAS:
+        ticks = sorted(m * 10.0 ** d for d in decades for m in mantissas if lo <= m * 10.0 ** d <= hi)
+        if len(ticks) >= 3:
+            break
+    if len(ticks) < 3:  # within a decade (900-1,500): plain round numbers, as on a linear axis
+        from matplotlib.ticker import MaxNLocator
+
+        ticks = [float(t) for t in MaxNLocator(nbins=4, steps=[1, 2, 5, 10]).tick_values(lo, hi) if lo <= t <= hi]
+    kept: list[float] = []
+    for t in ticks:
+        if not kept or np.log10(t / kept[-1]) >= MIN_TICK_GAP * width:
+            kept.append(t)
+    return kept
+
+
+def _tick_label(value: float) -> str:
+    return f"{value:,.0f}" if value >= 10 else f"{value:g}"
+
+
+def marker_area(gmacs: float | None, biggest: float) -> float:
+    return 40 + 360 * (gmacs / biggest) if gmacs else 60
+
+
 def accuracy_throughput_figure(points: Sequence[Point], *, title: str = "Top-1 vs inference throughput",
-                               xlabel: str = "inference throughput (samples/s, log scale)",
-                               size_px: tuple[int, int] = (1000, 700), dpi: int = 100) -> Figure:
+                               xlabel: str = "inference throughput (samples/s, log scale)", caption: str = "",
+                               size_px: tuple[int, int] = (1000, 700), dpi: int = 100) -> tuple[Figure, dict]:
+    """Top-1 against throughput: one colour per family with its Pareto front, marker area by GMACs, and for a
+    model benchmarked in both forms a hollow marker at its unfused throughput with an arrow to the fused one.
+    Returns the figure and what it drew: ``points`` (label, family, top1, throughput, unfused_throughput, area),
+    ``fronts`` (family -> labels by throughput), ``xticks`` and the ``caption``."""
     if not points:
         raise ValueError("no point to plot: no results row could be joined with a benchmark row")
     fig, axes = _figure(size_px, dpi)
     ax = axes[0, 0]
     known = [p.gmacs for p in points if p.gmacs]
     biggest = max(known) if known else 1.0
-    families = sorted({p.family for p in points})
-    colours = plt.get_cmap("tab10")
-    for k, fam in enumerate(families):
+    fronts = family_fronts(points)
+    colours, greys = plt.get_cmap("tab10"), plt.get_cmap("Greys")
+    ours = [f for f in fronts if not any(p.reference for p in points if p.family == f)]
+    references = [f for f in fronts if f not in ours]
+    for fam, front in fronts.items():
         members = sorted((p for p in points if p.family == fam), key=lambda p: p.throughput)
-        sizes = [40 + 360 * (p.gmacs / biggest) if p.gmacs else 60 for p in members]
-        colour = colours(k % 10)
-        ax.plot([p.throughput for p in members], [p.top1 for p in members], "-", color=colour, alpha=0.6, lw=1.5)
-        ax.scatter([p.throughput for p in members], [p.top1 for p in members], s=sizes, color=colour,
-                   alpha=0.85, edgecolors="white", linewidths=0.8, label=fam, zorder=3)
+        reference = fam in references
+        colour = greys(0.4 + 0.2 * (references.index(fam) % 3)) if reference else colours(ours.index(fam) % 10)
+        xs, ys = [p.throughput for p in members], [p.top1 for p in members]
+        ax.scatter(xs, ys, s=[marker_area(p.gmacs, biggest) for p in members], color=colour,
+                   alpha=0.5 if reference else 0.85, marker="s" if reference else "o", edgecolors="white",
+                   linewidths=0.8, label=fam, zorder=3)
+        best = [points[i] for i in front]
+        # "pre": the staircase drops at each front point, never drawing a corner that no model reaches.
+        ax.step([p.throughput for p in best], [p.top1 for p in best], where="pre", color=colour, ls="--", lw=1.2,
+                alpha=0.8, zorder=2, label=f"{fam} Pareto front")
         for p in members:
-            gm = f", {p.gmacs:.2f} GMACs" if p.gmacs else ""
-            ax.annotate(f"{p.label}{gm}", (p.throughput, p.top1), textcoords="offset points", xytext=(6, 6),
-                        fontsize=8)
-    front = [points[i] for i in pareto_front(points)]
-    ax.step([p.throughput for p in front], [p.top1 for p in front], where="post", color="black", ls="--", lw=1,
-            label="Pareto front", zorder=2)
-    ax.scatter([p.throughput for p in front], [p.top1 for p in front], s=160, facecolors="none",
-               edgecolors="black", linewidths=1.2, zorder=4)
+            if p.unfused_throughput:
+                ax.scatter([p.unfused_throughput], [p.top1], s=marker_area(p.gmacs, biggest), facecolors="none",
+                           edgecolors=colour, linewidths=1.2, zorder=3)
+                ax.annotate("", (p.throughput, p.top1), xytext=(p.unfused_throughput, p.top1),
+                            arrowprops=dict(arrowstyle="->", color=colour, lw=1, shrinkA=6, shrinkB=8), zorder=2)
+    # Labels alternate above and below in order of throughput, so neighbours at similar accuracy stay legible.
+    labelled = sorted((p for p in points if not p.reference), key=lambda p: p.throughput)
+    for k, p in enumerate(labelled):
+        gm = f", {p.gmacs:.3g} GMACs" if p.gmacs else ""
+        ax.annotate(f"{p.label}{gm}", (p.throughput, p.top1), textcoords="offset points",
+                    xytext=(6, 6 if k % 2 == 0 else -14), fontsize=8)
+    if any(p.unfused_throughput for p in points):
+        ax.scatter([], [], s=60, facecolors="none", edgecolors="grey", label="unfused (training form) -> fused")
+    speeds = [p.throughput for p in points] + [p.unfused_throughput for p in points if p.unfused_throughput]
+    lo, hi = min(speeds) / 1.25, max(speeds) * 1.25
+    ticks = log_ticks(lo, hi)
     ax.set_xscale("log")
-    ax.xaxis.set_major_formatter(ScalarFormatter())  # plain samples/s, not powers of ten
-    ax.xaxis.set_minor_formatter(ScalarFormatter())
-    ax.set_xlabel(xlabel)
+    ax.set_xlim(lo, hi)
+    ax.xaxis.set_major_locator(FixedLocator(ticks))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: _tick_label(v)))
+    ax.xaxis.set_minor_formatter(NullFormatter())  # unlabelled minor ticks: labelled ones overlapped
+    ax.set_xlabel(xlabel + (f"\n{caption}" if caption else ""))
+    ax.margins(y=0.12)  # room for the labels of the highest and lowest points
     ax.set_ylabel("top-1 accuracy (%)")
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(loc="best", fontsize=9, title="family (marker area ~ GMACs)", title_fontsize=8)
-    return fig
+    ax.legend(loc="best", fontsize=8, title="marker area ~ GMACs", title_fontsize=8)
+    drawn = {"points": [{"label": p.label, "family": p.family, "top1": p.top1, "throughput": p.throughput,
+                         "unfused_throughput": p.unfused_throughput, "area": marker_area(p.gmacs, biggest)}
+                        for p in points],
+             "fronts": {fam: [points[i].label for i in front] for fam, front in fronts.items()},
+             "xticks": ticks, "caption": caption}
+    return fig, drawn
+
+
+def bench_caption(paths: Sequence[str]) -> str:
+    """The device and settings of benchmark CSVs, from their side files (``OUT.csv.json`` of
+    ``pipelines.benchmark models``): e.g. ``NVIDIA H200, torch 2.11: batch 256, 64px, bf16, channels_last``."""
+    parts = []
+    for path in paths:
+        try:
+            with open(path + ".json") as f:
+                side = json.load(f)
+        except (OSError, ValueError):
+            parts.append(f"{path}: device and settings not recorded (no {path}.json)")
+            continue
+        st = side.get("settings", {})
+        flags = [st.get("amp") or "fp32"] + [w for k, w in (("channels_last", "channels_last"),
+                                                            ("compile", "compiled")) if st.get(k)]
+        if st.get("threads"):
+            flags.append(f"{st['threads']} threads")
+        parts.append(f"{side.get('machine') or 'device not recorded'}: batch {st.get('batch_size', '?')}, "
+                     f"{st.get('img_size', '?')}px, {', '.join(flags)}")
+    return " | ".join(dict.fromkeys(parts))
 
 
 def alpha_figure(stages: Sequence[np.ndarray], lengths: Sequence[Sequence[int]], *,
@@ -313,34 +413,33 @@ def main_accuracy(argv: list[str]) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--results", nargs="+", required=True, help="timm results CSVs (top1 per model)")
     p.add_argument("--bench", nargs="+", required=True, help="timm benchmark CSVs (infer_samples_per_sec)")
+    p.add_argument("--reference-results", nargs="+", default=[],
+                   help="a reference family in grey: published results CSVs (e.g. timm's results-imagenet.csv)")
+    p.add_argument("--reference-bench", nargs="+", default=[], help="benchmark CSVs for --reference-results")
     _common(p, "1000x700")
     args = p.parse_args(argv)
+    if bool(args.reference_results) != bool(args.reference_bench):
+        raise SystemExit("error: --reference-results and --reference-bench go together")
     try:
-        points, notes = join(read_csvs(args.results), read_csvs(args.bench))
+        bench = read_csvs(args.bench)
+        points, notes = join(read_csvs(args.results), bench)
+        if args.reference_results:
+            extra, ref_notes = join(read_csvs(args.reference_results), read_csvs(args.reference_bench),
+                                    reference=True)
+            points += extra
+            notes += [f"reference: {n}" for n in ref_notes]
     except (OSError, KeyError) as exc:
         raise SystemExit(f"error: cannot read the CSVs: {exc!r}") from None
     for note in notes:
         print(f"note: {note}")
-    bench = read_csvs(args.bench)
-    batches = sorted({r.get("infer_batch_size", "?") for r in bench})
-    sizes = sorted({r.get("infer_img_size", "?") for r in bench})
-    xlabel = (f"inference throughput (samples/s, batch {'/'.join(batches)}, {'/'.join(sizes)}px, log scale)")
-    machines = []
-    for path in args.bench:
-        try:
-            with open(path + ".json") as f:
-                machines.append(json.load(f).get("machine", ""))
-        except OSError:
-            pass
-    if machines:
-        xlabel += "\n" + "; ".join(sorted(set(filter(None, machines))))
     try:
-        fig = accuracy_throughput_figure(points, title=args.title or "Top-1 vs inference throughput",
-                                         xlabel=xlabel, size_px=args.size, dpi=args.dpi)
+        fig, drawn = accuracy_throughput_figure(points, title=args.title or "Top-1 vs inference throughput",
+                                                caption=bench_caption(args.bench + args.reference_bench),
+                                                size_px=args.size, dpi=args.dpi)
     except ValueError as exc:
         raise SystemExit(f"error: {exc}") from None
-    _save(fig, args.out, f"{len(points)} points, Pareto front: "
-                         f"{', '.join(points[i].label for i in pareto_front(points))}")
+    fronts = "; ".join(f"{fam}: {', '.join(labels)}" for fam, labels in drawn["fronts"].items())
+    _save(fig, args.out, f"{len(points)} points, Pareto fronts: {fronts}")
     return 0
 
 

@@ -6,19 +6,21 @@ tutorial; the same commands scale to ImageNet (see the README):
   1. data      Fashion-MNIST idx files (Debian's dataset-fashion-mnist, else the official download)
                -> WebDataset shards                                  python -m pipelines.shards fashion-mnist
   2. train     a small MRConvNeXt with DeepSpeed on 2 local ranks    torchrun -m train --config fashion_mnist
+               and its ConvNeXt peer, same recipe: on a GPU always, on CPU with --with-peer (its training
+               takes about 0.7x the MRConvNeXt's there)
   3. export    fold it, check fused == unfused on test images        python -m train.export
-  4. evaluate  test top-1/top-5 of the exported fused model          python -m pipelines.evaluate
+  4. evaluate  test top-1/top-5 of the exported fused model (+ peer)  python -m pipelines.evaluate
   5. benchmark fused vs unfused vs the matching ConvNeXt             python -m pipelines.benchmark models
   6. plot      accuracy vs throughput, alpha maps, learned kernels   python -m pipelines.plot
 
-Re-running resumes: finished shards are kept and training resumes from its last checkpoint.
+Re-running resumes: finished shards are kept and training resumes from its last checkpoint. For more models
+than one pair (e.g. femto and pico of both families) see ``python -m pipelines.compare``.
 """
 from __future__ import annotations
 
 import argparse
 import csv
 import gzip
-import inspect
 import json
 import os
 import shlex
@@ -107,15 +109,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ranks", type=int, default=2, help="local DeepSpeed ranks (gloo on CPU, NCCL on GPUs)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="recipe overrides passed to the trainer, e.g. --set schedule.epochs=1")
+    p.add_argument("--with-peer", action="store_true",
+                   help="also train the matching ConvNeXt on CPU (always done on a GPU), so that the plot compares")
     args = p.parse_args(argv)
 
-    import timm
+    import torch
 
+    from pipelines import compare
     from train.config import load_config
 
     cfg = load_config(args.config, [f"data.dir={args.data}", *args.overrides])
     py = sys.executable
+    peer = cfg.model.name.replace("mrconvnext_", "convnext_", 1)
+    # On a GPU the peer costs little next to the MRConvNeXt; on 2 CPU cores it would break the 15-minute demo.
+    with_peer = (args.with_peer or torch.cuda.is_available()) and peer != cfg.model.name
     run_dir, data = args.run_dir, args.data
+    peer_dir = os.path.join(run_dir, peer)
     weights = os.path.join(run_dir, "model.safetensors")
     results_csv, bench_csv = os.path.join(run_dir, "results.csv"), os.path.join(run_dir, "bench.csv")
     t0 = time.perf_counter()
@@ -129,6 +138,13 @@ def main(argv: list[str] | None = None) -> int:
     run([py, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.ranks}", "-m", "train",
          "--config", args.config, "--run-dir", run_dir, "--set", f"data.dir={data}",
          *[a for o in args.overrides for a in ("--set", o)]], env=env)
+    if with_peer:
+        print(f"\n== 2/6 train: the peer {peer}, same recipe and shards -> {peer_dir}")
+        recipe = compare.write_configs(cfg, [peer], run_dir)[peer]
+        if compare.finished(peer_dir):
+            print(f"{peer}: finished in {peer_dir}, not retrained")
+        else:
+            run(compare.train_cmd(recipe, peer_dir, args.ranks), env=env)
 
     print("\n== 3/6 export: fold the branches into one kernel per layer, check fused == unfused")
     unfused = os.path.join(run_dir, "model_unfused.safetensors")
@@ -139,18 +155,17 @@ def main(argv: list[str] | None = None) -> int:
         os.remove(results_csv)
     run([py, "-m", "pipelines.evaluate", "--model", cfg.model.name, "--checkpoint", weights, "--data", data,
          "--name", f"{cfg.model.name}@fused", "--results", results_csv], env=env)
+    if with_peer:
+        print(f"\n== 4/6 evaluate: the peer {peer} (exported first)")
+        compare.merge_csv([results_csv, compare.export_and_evaluate(peer, peer_dir, data, env)], results_csv,
+                          compare.RESULTS_COLUMNS)
 
     print("\n== 5/6 benchmark: inference throughput, fused vs unfused vs the matching ConvNeXt (one run)")
     from pipelines.data import read_info
 
     num_classes = cfg.model.num_classes or len(read_info(data)["classes"])
-    kwargs = dict(cfg.model.kwargs)
-    img_size = kwargs.pop("img_size", cfg.data.img_size)
-    peer = cfg.model.name.replace("mrconvnext_", "convnext_", 1)
-    # Every kwarg goes to the MRConvNeXt; the peer takes those ConvNeXt has too (its layout: depths, dims, ...).
-    peer_keys = set(inspect.signature(timm.models.convnext.ConvNeXt.__init__).parameters)
-    model_kwargs = ([f"{k}={json.dumps(v)}" for k, v in kwargs.items()]
-                    + [f"{peer}:{k}={json.dumps(v)}" for k, v in kwargs.items() if k in peer_keys])
+    img_size = cfg.model.kwargs.get("img_size", cfg.data.img_size)
+    model_kwargs = compare.bench_kwargs(cfg, [cfg.model.name, peer])
     run([py, "-m", "pipelines.benchmark", "models", "--models", f"{cfg.model.name}@fused",
          f"{cfg.model.name}@unfused", peer, "--img-size", str(img_size), "--in-chans", str(cfg.model.in_chans),
          "--num-classes", str(num_classes), *(["--model-kwargs", *model_kwargs] if model_kwargs else []),
@@ -175,6 +190,9 @@ def main(argv: list[str] | None = None) -> int:
   plots                 {', '.join(plots.values())}
   TensorBoard           tensorboard --logdir {os.path.join(run_dir, 'tensorboard')}
   results (timm CSVs)   {results_csv}, {bench_csv}""")
+    if with_peer:
+        peer_top1 = next(float(r["top1"]) for r in read_rows(results_csv) if r["model"] == peer)
+        print(f"  peer top-1            {peer_top1:.2f}% ({peer}, same recipe; run dir {peer_dir})")
     return 0
 
 

@@ -3,6 +3,11 @@
     python -m slurm.submit --config CONFIG --nodes N --gpus-per-node G [--partition P --time T --account A
                            --run-dir DIR --signal-seconds S --cpus-per-task C --set key=value ...] [--dry-run]
 
+or a comparison sweep, one model per array task of slurm/sweep.sbatch (``python -m pipelines.compare --slurm``;
+collect the finished runs with ``python -m pipelines.compare ... --collect``):
+
+    python -m slurm.submit --sweep CONFIG --models NAME,NAME,... [--out DIR --gpus-per-node G --partition P ...]
+
 Renders the `sbatch` command for slurm/train.sbatch (one task per GPU; `--gpus-per-node 0` is a CPU job with one
 task per node over gloo) and submits it. The recipe and its overrides go through the trainer's own loader and
 batch planner first (train/config.py), so a config the trainer would reject fails here, before any queueing.
@@ -23,6 +28,7 @@ from train.config import BatchPlan, ConfigError, TrainConfig, load_config, plan_
 
 REPO = Path(__file__).resolve().parent.parent
 TRAIN_SBATCH = REPO / "slurm" / "train.sbatch"
+SWEEP_SBATCH = REPO / "slurm" / "sweep.sbatch"
 # train.logger.TENSORBOARD_SUBDIR (a test keeps them equal); importing train.logger here would load torch.
 TENSORBOARD_SUBDIR = "tensorboard"
 
@@ -71,12 +77,10 @@ def plan_job(nodes: int, gpus_per_node: int, cfg: TrainConfig) -> JobPlan:
                           f"change the job's shape or the batch keys with --set)") from None
 
 
-def sbatch_command(plan: JobPlan, config: Path, run_dir: Path, *, job_name: str, signal_seconds: int,
-                   partition: str | None = None, time: str | None = None, account: str | None = None,
-                   cpus_per_task: int | None = None, overrides: Sequence[str] = (),
-                   python: str = sys.executable) -> list[str]:
-    cmd = ["sbatch", "--parsable", f"--job-name={job_name}", f"--nodes={plan.nodes}",
-           f"--ntasks-per-node={plan.tasks_per_node}"]
+def _job_options(plan: JobPlan, log: Path, signal_seconds: int, partition: str | None, time: str | None,
+                 account: str | None, cpus_per_task: int | None, python: str) -> list[str]:
+    """The sbatch options a training job and a sweep's array tasks share (shape, requeue, USR1, where it runs)."""
+    cmd = [f"--nodes={plan.nodes}", f"--ntasks-per-node={plan.tasks_per_node}"]
     if plan.gpus_per_node:
         cmd.append(f"--gpus-per-node={plan.gpus_per_node}")
     if cpus_per_task:
@@ -84,13 +88,33 @@ def sbatch_command(plan: JobPlan, config: Path, run_dir: Path, *, job_name: str,
     for flag, value in (("partition", partition), ("time", time), ("account", account)):
         if value:
             cmd.append(f"--{flag}={value}")
-    cmd += [f"--output={run_dir / 'logs' / '%x-%j.out'}", "--open-mode=append", "--requeue",
-            f"--signal=B:USR1@{signal_seconds}", f"--chdir={REPO}",
-            f"--export=ALL,MRCONV_HOME={REPO},MRCONV_PYTHON={python}",
-            str(TRAIN_SBATCH), str(config), str(run_dir)]
+    return cmd + [f"--output={log}", "--open-mode=append", "--requeue", f"--signal=B:USR1@{signal_seconds}",
+                  f"--chdir={REPO}", f"--export=ALL,MRCONV_HOME={REPO},MRCONV_PYTHON={python}"]
+
+
+def sbatch_command(plan: JobPlan, config: Path, run_dir: Path, *, job_name: str, signal_seconds: int,
+                   partition: str | None = None, time: str | None = None, account: str | None = None,
+                   cpus_per_task: int | None = None, overrides: Sequence[str] = (),
+                   python: str = sys.executable) -> list[str]:
+    cmd = ["sbatch", "--parsable", f"--job-name={job_name}",
+           *_job_options(plan, run_dir / "logs" / "%x-%j.out", signal_seconds, partition, time, account,
+                         cpus_per_task, python),
+           str(TRAIN_SBATCH), str(config), str(run_dir)]
     for item in overrides:
         cmd += ["--set", item]
     return cmd
+
+
+def sweep_command(plan: JobPlan, listing: Path, sweep_dir: Path, tasks: int, *, job_name: str = "mrconv-sweep",
+                  signal_seconds: int = 300, partition: str | None = None, time: str | None = None,
+                  account: str | None = None, cpus_per_task: int | None = None,
+                  python: str = sys.executable) -> list[str]:
+    """A job array of slurm/sweep.sbatch: task i trains line i of ``listing`` (``RECIPE NAME``) in
+    ``sweep_dir/NAME``, each task shaped by ``plan``."""
+    return ["sbatch", "--parsable", f"--array=0-{tasks - 1}", f"--job-name={job_name}",
+            *_job_options(plan, sweep_dir / "logs" / "%x-%A_%a.out", signal_seconds, partition, time, account,
+                          cpus_per_task, python),
+            str(SWEEP_SBATCH), str(listing), str(sweep_dir)]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -115,6 +139,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--sweep" in argv:  # one recipe, several models: pipelines.compare renders and submits the array
+        from pipelines.compare import main as compare_main
+
+        i = argv.index("--sweep")
+        return compare_main(["--config", *argv[i + 1:i + 2], *argv[:i], *argv[i + 2:], "--slurm"])
     args = build_parser().parse_args(argv)
     try:
         if args.signal_seconds < 1:

@@ -91,7 +91,59 @@ def test_accuracy_throughput_png_from_the_cli(tmp_path, capsys):
     assert code == 0 and png_size(out) == (640, 480)
     printed = capsys.readouterr().out
     assert "note: 1 results rows not benchmarked: resnet50.a1_in1k" in printed
-    assert "Pareto front: convnext_small, mrconvnext_tiny, convnext_tiny.fb_in1k" in printed
+    assert "Pareto fronts: convnext: convnext_small, convnext_tiny.fb_in1k; mrconvnext: mrconvnext_tiny" in printed
+
+
+def test_figure_returns_both_families_their_fronts_and_the_unfused_throughput():
+    points, _ = plot.join(RESULTS, BENCH)
+    fig, drawn = plot.accuracy_throughput_figure(points, caption="NVIDIA H200, torch 2.11: batch 16, 224px, fp32")
+    assert drawn["fronts"] == {"convnext": ["convnext_small", "convnext_tiny.fb_in1k"],
+                               "mrconvnext": ["mrconvnext_tiny"]}
+    by_label = {p["label"]: p for p in drawn["points"]}
+    assert by_label["mrconvnext_tiny"]["throughput"] == 40 and by_label["mrconvnext_tiny"]["unfused_throughput"] == 12
+    assert by_label["convnext_small"]["unfused_throughput"] is None
+    assert by_label["convnext_small"]["area"] > by_label["convnext_tiny.fb_in1k"]["area"]  # 8.71 vs 4.47 GMACs
+    ax = fig.axes[0]
+    assert "NVIDIA H200" in ax.get_xlabel() and "CPU" not in ax.get_xlabel()
+    assert ax.get_xlim()[0] < 12 and ax.get_xlim()[1] > 45  # the unfused point is inside
+    fig.canvas.draw()
+    labels = [t.get_text() for t in ax.get_xticklabels(minor=True) if t.get_text()]
+    assert labels == [], "minor ticks carry no labels (they overlapped: '9000 10000')"
+    assert [t.get_text() for t in ax.get_xticklabels()] == [plot._tick_label(v) for v in drawn["xticks"]]
+    plot.plt.close(fig)
+
+
+@pytest.mark.parametrize("lo, hi", [(847, 1479), (9.6, 56), (2000, 120_000), (7000, 12_000), (8000, 100_000),
+                                    (2500, 2800), (50, 5e6)])
+def test_log_ticks_are_round_few_and_apart(lo, hi):
+    ticks = plot.log_ticks(lo, hi)
+    assert 2 <= len(ticks) <= 7, ticks
+    assert all(lo <= t <= hi for t in ticks)
+    gaps = np.diff(np.log10(ticks)) / np.log10(hi / lo)
+    assert gaps.min() >= plot.MIN_TICK_GAP, ticks
+    assert all(float(f"{t:.1g}") == t or t == round(t, -2) for t in ticks), ticks  # 1-2 significant digits
+
+
+def test_caption_and_reference_family_from_the_cli(tmp_path, capsys):
+    import json
+
+    bench = write_csv(tmp_path / "b.csv", BENCH)
+    (tmp_path / "b.csv.json").write_text(json.dumps({"machine": "NVIDIA H200, torch 2.11", "settings": {
+        "batch_size": 256, "img_size": 224, "amp": "bf16", "channels_last": True, "compile": False, "threads": 0}}))
+    assert plot.bench_caption([bench]) == "NVIDIA H200, torch 2.11: batch 256, 224px, bf16, channels_last"
+    published = [dict(r, top1=str(float(r["top1"]) - 1)) for r in RESULTS[:3]]
+    ref_bench = write_csv(tmp_path / "ref.csv", [dict(BENCH[2], infer_samples_per_sec="30"),
+                                                 dict(BENCH[3], infer_samples_per_sec="20")])
+    out = tmp_path / "acc.png"
+    assert plot.main(["--results", write_csv(tmp_path / "r.csv", RESULTS), "--bench", bench, "--out", str(out),
+                      "--reference-results", write_csv(tmp_path / "pub.csv", published), "--reference-bench",
+                      ref_bench, "--size", "640x480"]) == 0
+    printed = capsys.readouterr().out
+    assert "convnext (reference): convnext_small, convnext_tiny.fb_in1k" in printed
+    assert f"{ref_bench}: device and settings not recorded" in plot.bench_caption([bench, ref_bench])
+    with pytest.raises(SystemExit, match="go together"):
+        plot.main(["--results", str(tmp_path / "r.csv"), "--bench", bench, "--out", str(out),
+                   "--reference-results", str(tmp_path / "pub.csv")])
 
 
 def test_nothing_to_join_fails_clearly(tmp_path):
