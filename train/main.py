@@ -2,7 +2,8 @@
 
 Same entry point under ``torchrun``, the ``deepspeed`` launcher and ``srun`` (world info in train/distributed.py).
 Exit codes: 0 finished, 3 stopped on SIGUSR1/SIGTERM after saving a checkpoint (the job is to be requeued;
-the next start resumes from the run directory), 2 bad config.
+the next start resumes from the run directory), 2 bad config. The stop handlers are installed by
+``train/__main__.py`` before any heavy import (train/signals.py).
 """
 from __future__ import annotations
 
@@ -21,12 +22,13 @@ from timm.utils import ModelEmaV3, distribute_bn
 import models  # noqa: F401  (registers mrconvnext_* in timm)
 from pipelines.data import create_eval_loader, create_train_loader, read_info
 from train import checkpoint as ckpt
+from train import signals
 from train.config import ConfigError, TrainConfig, load_config, plan_batches, scaled_lr, write_config
 from train.distributed import init_distributed
 from train.engine import autocast_dtype, create_engine, deepspeed_config
 from train.evaluate import evaluate
 from train.logger import RunLogger, alpha_energy, setup_logging
-from train.loop import EpochContext, Position, StopFlag, seed_epoch, train_one_epoch
+from train.loop import EpochContext, Position, seed_epoch, train_one_epoch
 from train.optim import create_optimizer, create_scheduler
 
 EXIT_FINISHED, EXIT_BAD_CONFIG, EXIT_STOPPED = 0, 2, 3
@@ -61,7 +63,6 @@ def create_model(cfg: TrainConfig, num_classes: int) -> torch.nn.Module:
 
 
 def run(cfg: TrainConfig, run_dir: str) -> int:
-    stop = StopFlag()  # first: a pre-emption signal during the slow setup must stop cleanly, not kill the job
     world = init_distributed()
     rank, world_size = world.rank, world.world_size
     log = setup_logging(rank)
@@ -70,7 +71,7 @@ def run(cfg: TrainConfig, run_dir: str) -> int:
     cfg.model.num_classes = num_classes_for(cfg, read_info(cfg.data.dir))
     num_classes = cfg.model.num_classes
     ckpt_dir = ckpt.checkpoint_dir(run_dir)
-    tag = ckpt.latest_tag(ckpt_dir)
+    tag = ckpt.resume_tag(ckpt_dir)
     if tag is not None:
         ckpt.check_compatible(ckpt.read_meta(ckpt_dir, tag), cfg, world_size, os.path.join(ckpt_dir, tag))
     if rank == 0:
@@ -139,7 +140,7 @@ def run(cfg: TrainConfig, run_dir: str) -> int:
         logger.info(f"saved checkpoint {os.path.join(ckpt_dir, saved)}")
 
     ctx = EpochContext(engine=engine, loader=train_loader, scheduler=scheduler, ema=ema, logger=logger,
-                       stop=stop, micro_per_epoch=micro_per_epoch, log_every=cfg.logging.log_every_steps,
+                       micro_per_epoch=micro_per_epoch, log_every=cfg.logging.log_every_steps,
                        save_every=cfg.checkpoint.every_steps, save=save, world_size=world_size,
                        rng_after_skip=rng_after_skip, last_saved_step=pos.step if tag else -1)
     metrics: dict = {}
@@ -148,7 +149,9 @@ def run(cfg: TrainConfig, run_dir: str) -> int:
         seed_epoch(cfg.seed, rank, pos.epoch)
         train_loader.set_epoch(pos.epoch)
         if not train_one_epoch(ctx, pos, ckpt.set_rng_state):
-            logger.info(f"stop requested: checkpoint at step {pos.step} saved, exiting with {EXIT_STOPPED}")
+            got = signals.received()
+            how = f"{got[0]} {time.monotonic() - got[1]:.1f} s ago" if got else "on another rank"
+            logger.info(f"stop requested ({how}): checkpoint at step {pos.step} saved, exiting with {EXIT_STOPPED}")
             logger.close()
             return EXIT_STOPPED
         last = pos.epoch + 1 == s.epochs
@@ -157,9 +160,10 @@ def run(cfg: TrainConfig, run_dir: str) -> int:
             line += f" train loss {ctx.stats['loss']:.4f} {ctx.stats['images_per_sec']:.0f} img/s"
         if (pos.epoch + 1) % cfg.logging.eval_every_epochs == 0 or last:
             average_bn()
-            metrics = {f"val/{k}": v for k, v in evaluate(engine, eval_loader, amp_dtype).items()}
+            metrics = {f"val/{k}": v for k, v in evaluate(engine, signals.shielded(eval_loader), amp_dtype).items()}
             if ema is not None and cfg.ema.eval:
-                metrics.update({f"val_ema/{k}": v for k, v in evaluate(ema.module, eval_loader, amp_dtype).items()})
+                metrics.update({f"val_ema/{k}": v for k, v in
+                                evaluate(ema.module, signals.shielded(eval_loader), amp_dtype).items()})
             logger.scalars(pos.step, {k: v for k, v in metrics.items() if not k.endswith("count")})
             line += " " + " ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k.split("/")[1] in ("top1", "top5"))
         if (pos.epoch + 1) % cfg.logging.alpha_image_every_epochs == 0 or last:
@@ -193,4 +197,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         return run(cfg, cfg.run_dir)
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
+        return EXIT_BAD_CONFIG
+    except ckpt.CheckpointError as exc:
+        print(f"checkpoint error: {exc}", file=sys.stderr)
         return EXIT_BAD_CONFIG
