@@ -19,6 +19,8 @@ import contextlib
 import csv
 import json
 import os
+import pickle
+import re
 import sys
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
@@ -46,7 +48,13 @@ def read_state_dict(path: str) -> dict[str, torch.Tensor]:
 
         state: Any = load_file(path, device="cpu")
     else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as exc:  # a global outside the tensor types: refused, never run
+            refused = re.search(r"GLOBAL ([\w.]+)", str(exc))
+            raise ValueError(f"refusing to load {path}: it asks to call "
+                             f"{refused.group(1) if refused else 'something else than tensors'}, which is not part "
+                             f"of a checkpoint (a crafted file?)") from None
     for key in STATE_DICT_KEYS:
         if isinstance(state, Mapping) and isinstance(state.get(key), Mapping):
             state = state[key]

@@ -159,8 +159,9 @@ def resume_tag(ckpt_dir: str) -> Optional[str]:
         if not bad:
             return tag
         path, why = bad[0]
-        _log.warning(f"checkpoint file {path} cannot be read ({why}); falling back to the previous complete "
-                     f"checkpoint")
+        if rank == 0:
+            _log.warning(f"checkpoint file {path} cannot be read ({why}); falling back to the previous complete "
+                         f"checkpoint")
     raise CheckpointError(f"no checkpoint in {ckpt_dir} can be read (see the lines above); move the directory "
                           f"away to start afresh")
 
