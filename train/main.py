@@ -2,8 +2,8 @@
 
 Same entry point under ``torchrun``, the ``deepspeed`` launcher and ``srun`` (world info in train/distributed.py).
 Exit codes: 0 finished, 3 stopped on SIGUSR1/SIGTERM after saving a checkpoint (the job is to be requeued;
-the next start resumes from the run directory), 2 bad config. The stop handlers are installed by
-``train/__main__.py`` before any heavy import (train/signals.py).
+the next start resumes from the run directory), 2 bad config or refused checkpoint. The stop handlers are
+installed by ``train/__main__.py`` before any heavy import (train/signals.py).
 """
 from __future__ import annotations
 
