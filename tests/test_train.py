@@ -197,6 +197,7 @@ def test_kill_and_term_to_everything_resume_exactly(shards, tmp_path):
         while not condition() and proc.poll() is None and time.time() < deadline:
             time.sleep(0.05)
         assert proc.poll() is None, f"the run ended before it could be interrupted:\n{proc.stdout.read()[-4000:]}"
+        assert condition(), "no new checkpoint after 240 s"
 
     # A node crash: SIGKILL to torchrun's process group and to each rank's (torchrun starts each in its own).
     proc = launch(broken, shards, *sets, wait=False)
