@@ -150,8 +150,14 @@ def task_pid(job_id: str, rank: int) -> int:
         if argv[1:3] == [b"-m", b"train"] and env.get("SLURM_JOB_ID") == job_id \
                 and env.get("SLURM_PROCID") == str(rank):
             found.append(int(proc.name))
-    assert len(found) == 1, f"rank {rank} of job {job_id}: processes {found}"
-    return found[0]
+    # Its data workers are forks of it (same command line and environment): keep the process they descend from.
+    trainers = [pid for pid in found if _parent(pid) not in found]
+    assert len(trainers) == 1, f"rank {rank} of job {job_id}: processes {found}"
+    return trainers[0]
+
+
+def _parent(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
 
 
 def expected_master() -> str:
