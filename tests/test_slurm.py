@@ -239,6 +239,24 @@ def test_term_to_every_task_checkpoints_requeues_and_resumes_exactly(slurm_env, 
 
 
 @pytest.mark.slow
+def test_term_to_the_batch_script_stops_the_tasks_with_a_checkpoint(slurm_env, shards, tmp_path):
+    """TERM to the script alone goes to the tasks as USR1: a TERM to srun would make it SIGKILL them ("srun:
+    forcing job termination"). The job ends with 3 and is not requeued: the user stopped it."""
+    run_dir = tmp_path / "run"
+    job_id, log = submit_training(slurm_env, shards, run_dir)
+    wait_for_checkpoint(slurm_env, job_id, run_dir, log)
+    subprocess.run(["scancel", "--batch", "--signal=TERM", job_id], env=slurm_env, check=True)
+    info = wait_job(slurm_env, job_id, log)
+    text = _read(log)
+    assert info["ExitCode"] == "3:0" and info["Restarts"] == "0", text
+    assert "forcing job termination" not in text, text
+    stopped = int(re.search(r"stop requested \(SIGUSR1 [\d.]+ s ago\): checkpoint at step (\d+) saved", text).group(1))
+    assert latest_step(run_dir) == stopped
+    assert text.rstrip().endswith(f"stopped by TERM after a checkpoint; resubmit the same command to resume from "
+                                  f"it in {run_dir}")
+
+
+@pytest.mark.slow
 def test_killed_task_fails_clearly_and_resubmit_resumes_exactly(slurm_env, shards, uninterrupted, tmp_path):
     run_dir = tmp_path / "run"
     job_id, log = submit_training(slurm_env, shards, run_dir)
