@@ -45,8 +45,8 @@ class BranchConvBatchNorm(torch.autograd.Function):
     """``(u, kernels, alpha, gamma, beta)`` -> ``(y, mean, var)``: the training form with batch statistics.
 
     ``u`` (B, D, L) in any float dtype (saved as given, computed in the kernels' dtype); ``kernels`` (dirs, N, D, l)
-    dense, fp32 or fp64; ``alpha``, ``gamma``, ``beta`` (N, D) in the same dtype. ``mean`` and the biased ``var`` (N, D) are returned for the running
-    statistics and carry no gradient.
+    dense, fp32 or fp64; ``alpha``, ``gamma``, ``beta`` (N, D) in the same dtype. ``mean`` and the biased ``var``
+    (N, D) are returned for the running statistics and carry no gradient.
     """
 
     @staticmethod

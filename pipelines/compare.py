@@ -191,7 +191,8 @@ def collect(cfg: TrainConfig, models: Sequence[str], out: str, data: str, num_cl
     print(f"\n== benchmark: {', '.join(done)} side by side in one run")
     run([sys.executable, "-m", "pipelines.benchmark", "models", "--models", *bench_entries(done), "--img-size",
          str(img_size), "--in-chans", str(cfg.model.in_chans), "--num-classes", str(num_classes),
-         *(["--model-kwargs", *items] if (items := bench_kwargs(cfg, done)) else []), "--batch-size", str(args.bench_batch_size), "--csv", bench,
+         *(["--model-kwargs", *items] if (items := bench_kwargs(cfg, done)) else []),
+         "--batch-size", str(args.bench_batch_size), "--csv", bench,
          *shlex.split(args.bench_args)], env=env)
 
     png = os.path.join(out, "accuracy_throughput.png")

@@ -22,6 +22,7 @@ import csv
 import json
 import os
 import pickle
+import re
 import sys
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
@@ -55,9 +56,12 @@ def read_state_dict(path: str) -> dict[str, torch.Tensor]:
             state: Any = load_file(path, device="cpu")
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        raise ValueError(f"{path} holds Python objects besides tensors: refused, since loading them could run "
-                         f"code from the file (export plain weights with python -m train.export)") from None
+    except pickle.UnpicklingError as exc:  # a global outside the tensor types: refused, never run
+        refused = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        raise ValueError(f"refusing to load {path}: it asks to call "
+                         f"{refused.group(1) if refused else 'something else than tensors'}, which is not part "
+                         f"of a checkpoint (a crafted file? export plain weights with python -m train.export)"
+                         ) from None
     except (OSError, RuntimeError) as exc:  # torch and safetensors say 'not a checkpoint' this way
         raise ValueError(f"{path} is not a readable checkpoint ({str(exc).splitlines()[0]})") from None
     for key in STATE_DICT_KEYS:

@@ -467,13 +467,15 @@ def write_split(source: Source, out: str, *, shard_size: int = 1000, workers: in
     }
     info_path = update_info(out, source.split, split_info, source.classes)
     written = sum(lengths[t[2]] for t in todo)
-    return WriteResult(source.split, len(plan), sum(lengths), written, skipped, kept, time.perf_counter() - start, info_path)
+    return WriteResult(source.split, len(plan), sum(lengths), written, skipped, kept, time.perf_counter() - start,
+                       info_path)
 
 
 def summary(result: WriteResult) -> str:
     rate = result.written / result.seconds if result.seconds > 0 else float("inf")
     return (f"{result.split}: {result.shards} shards ({result.kept_shards} kept from an earlier run), "
-            f"{result.samples} samples ({result.written} written), {result.skipped} skipped, {result.seconds:.1f} s, {rate:,.0f} images/s, "
+            f"{result.samples} samples ({result.written} written), {result.skipped} skipped, "
+            f"{result.seconds:.1f} s, {rate:,.0f} images/s, "
             f"info: {result.info_path}")
 
 

@@ -1,5 +1,9 @@
 """train.export's pure parts (the end-to-end export of a trained run is in tests/test_train.py, which owns the
 run fixtures)."""
+import json
+import os
+
+import pytest
 import timm
 import torch
 
@@ -26,3 +30,39 @@ def test_load_call_carries_classes_and_channels(tmp_path):
     x = torch.randn(2, 1, 32, 32)
     with torch.no_grad():
         assert max_rel_diff(loaded(x), model(x)) <= MAX_REL_DIFF
+
+
+class _Payload:
+    """What a crafted checkpoint holds: unpickling it runs a shell command (here: creates a marker file)."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_crafted_checkpoint_is_refused_by_export_and_evaluate(tmp_path, capsys):
+    """A run directory whose model states file runs a command when unpickled (as DeepSpeed's reader would):
+    export and evaluation refuse it with one line, and the payload never runs."""
+    from pipelines.evaluate import read_state_dict
+    from train import checkpoint as ckpt
+    from train.config import load_config, to_dict
+    from train.export import main as export_main
+
+    marker = tmp_path / "pwned"
+    tag_dir = tmp_path / "run" / "checkpoints" / ckpt.tag_for(1)
+    tag_dir.mkdir(parents=True)
+    (tag_dir / ckpt.META).write_text(json.dumps({"step": 1, "config": to_dict(load_config("fashion_mnist"))}))
+    (tag_dir.parent / ckpt.LATEST).write_text(ckpt.tag_for(1))
+    crafted = tag_dir / "mp_rank_00_model_states.pt"
+    torch.save({"module": _Payload(marker)}, crafted)
+
+    assert export_main([str(tmp_path / "run"), str(tmp_path / "m.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"export: error: refusing to load {crafted}: it asks to call posix.system") and \
+        err.count("\n") == 1, err
+    with pytest.raises(ValueError, match=r"^refusing to load .*: it asks to call posix.system") as exc:
+        read_state_dict(str(crafted))
+    assert "\n" not in str(exc.value)
+    assert not marker.exists() and not (tmp_path / "m.safetensors").exists()

@@ -1,5 +1,6 @@
 """GPU correctness (CUDA): the fold stays exact with cuFFT/cuBLAS/cuDNN, bf16 autocast trains a BatchNorm
-model, and data.decode=gpu (nvJPEG) is deterministic and resumes exactly. CI has no GPU: these run where one is present (`pytest tests/test_gpu.py` on a GPU machine)."""
+model, the Triton kernels at stage shapes, and data.decode=gpu (nvJPEG) is deterministic and resumes exactly. CI
+has no GPU: these run where one is present (`pytest tests/test_gpu.py` on a GPU machine)."""
 from __future__ import annotations
 
 import copy

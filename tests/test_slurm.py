@@ -37,8 +37,9 @@ MICRO_BATCH, EPOCHS, CKPT_EVERY = 8, 3, 4
 # 256 samples / (8 per rank x 2 ranks) = 16 updates per epoch, 48 in all: about 5 s of training on 2 cores,
 # which leaves the signal a few seconds to arrive after the first checkpoint (step 4).
 TOTAL_STEPS = EPOCHS * TRAIN_SAMPLES // (MICRO_BATCH * 2)
+# One data worker per rank: SLURM's SIGTERM reaches every process of a job step, data workers included.
 TINY = ["model.kwargs={img_size: 32, depths: [1, 1, 1, 1], dims: [8, 16, 24, 32], min_l0: 2}",
-        f"data.batch_size={MICRO_BATCH}", "data.num_workers=0", f"schedule.epochs={EPOCHS}",
+        f"data.batch_size={MICRO_BATCH}", "data.num_workers=1", f"schedule.epochs={EPOCHS}",
         "schedule.warmup_epochs=0.5", "optim.lr=2e-3", "deepspeed.precision=fp32", "logging.log_every_steps=4",
         "logging.progress_bar=false", f"checkpoint.every_steps={CKPT_EVERY}"]
 # The batch plan of the dry-run and rejection tests: 256 = 8 x accum x world size.
@@ -149,8 +150,14 @@ def task_pid(job_id: str, rank: int) -> int:
         if argv[1:3] == [b"-m", b"train"] and env.get("SLURM_JOB_ID") == job_id \
                 and env.get("SLURM_PROCID") == str(rank):
             found.append(int(proc.name))
-    assert len(found) == 1, f"rank {rank} of job {job_id}: processes {found}"
-    return found[0]
+    # Its data workers are forks of it (same command line and environment): keep the process they descend from.
+    trainers = [pid for pid in found if _parent(pid) not in found]
+    assert len(trainers) == 1, f"rank {rank} of job {job_id}: processes {found}"
+    return trainers[0]
+
+
+def _parent(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
 
 
 def expected_master() -> str:
@@ -200,13 +207,53 @@ def test_signalled_job_checkpoints_requeues_and_resumes_exactly(slurm_env, shard
     assert info["JobState"] == "COMPLETED", text
     assert info["Restarts"] == "1", text
     assert "USR1: asking the tasks to checkpoint" in text and f"requeued job {job_id}" in text, text
-    stopped = int(re.search(r"stop requested: checkpoint at step (\d+) saved, exiting with 3", text).group(1))
+    stopped = int(re.search(r"stop requested \(SIGUSR1 [\d.]+ s ago\): checkpoint at step (\d+) saved, exiting "
+                            r"with 3", text).group(1))
     assert CKPT_EVERY <= stopped < TOTAL_STEPS, "stopped mid-run"
     assert "attempt 2:" in text, text
     assert f"resumed from {ckpt.checkpoint_dir(str(run_dir))}/{ckpt.tag_for(stopped)}: " in text, text
     assert text.rstrip().endswith("finished")
     assert json.loads((run_dir / "summary.json").read_text())["step"] == TOTAL_STEPS
     assert_same_model(final_weights(uninterrupted[0]), final_weights(run_dir))
+
+
+@pytest.mark.slow
+def test_term_to_every_task_checkpoints_requeues_and_resumes_exactly(slurm_env, shards, uninterrupted, tmp_path):
+    """`scancel --signal=TERM`: SIGTERM to every process of the job's steps at once, each rank's data worker
+    included (what a pre-emption's GraceTime sends to the tasks). Every rank saves the same step and exits 3."""
+    run_dir = tmp_path / "run"
+    job_id, log = submit_training(slurm_env, shards, run_dir)
+    wait_for_checkpoint(slurm_env, job_id, run_dir, log)
+    subprocess.run(["scancel", "--signal=TERM", job_id], env=slurm_env, check=True)
+    info = wait_job(slurm_env, job_id, log)
+    text = _read(log)
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", text
+    assert "DataLoader worker" not in text and "Traceback" not in text, text
+    stopped = int(re.search(r"stop requested \(SIGTERM [\d.]+ s ago\): checkpoint at step (\d+) saved, exiting "
+                            r"with 3", text).group(1))
+    assert CKPT_EVERY <= stopped < TOTAL_STEPS, "stopped mid-run"
+    assert f"requeued job {job_id}" in text, text
+    assert f"resumed from {ckpt.checkpoint_dir(str(run_dir))}/{ckpt.tag_for(stopped)}: " in text, text
+    assert text.rstrip().endswith("finished")
+    assert_same_model(final_weights(uninterrupted[0]), final_weights(run_dir))
+
+
+@pytest.mark.slow
+def test_term_to_the_batch_script_stops_the_tasks_with_a_checkpoint(slurm_env, shards, tmp_path):
+    """TERM to the script alone goes to the tasks as USR1: a TERM to srun would make it SIGKILL them ("srun:
+    forcing job termination"). The job ends with 3 and is not requeued: the user stopped it."""
+    run_dir = tmp_path / "run"
+    job_id, log = submit_training(slurm_env, shards, run_dir)
+    wait_for_checkpoint(slurm_env, job_id, run_dir, log)
+    subprocess.run(["scancel", "--batch", "--signal=TERM", job_id], env=slurm_env, check=True)
+    info = wait_job(slurm_env, job_id, log)
+    text = _read(log)
+    assert info["ExitCode"] == "3:0" and info["Restarts"] == "0", text
+    assert "forcing job termination" not in text, text
+    stopped = int(re.search(r"stop requested \(SIGUSR1 [\d.]+ s ago\): checkpoint at step (\d+) saved", text).group(1))
+    assert latest_step(run_dir) == stopped
+    assert text.rstrip().endswith(f"stopped by TERM after a checkpoint; resubmit the same command to resume from "
+                                  f"it in {run_dir}")
 
 
 @pytest.mark.slow

@@ -6,6 +6,8 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -35,7 +37,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(run_dir, data, *sets, launcher="torchrun", nproc=2, config="fashion_mnist", wait=True, timeout=300):
+def launch(run_dir, data, *sets, launcher="torchrun", nproc=2, config="fashion_mnist", wait=True, timeout=300,
+           prefix=()):
     args = ["--config", config, "--run-dir", str(run_dir)]
     for s in [f"data.dir={data}", *SMALL, *sets]:
         args += ["--set", s]
@@ -46,6 +49,7 @@ def launch(run_dir, data, *sets, launcher="torchrun", nproc=2, config="fashion_m
         cmd = [os.path.join(BIN, "deepspeed"), "--num_gpus", str(nproc), "--master_port", port, "--module", "train"]
     else:
         cmd = [sys.executable, "-m", "train"]
+    cmd = [*prefix, *cmd]
     kw = dict(cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if not wait:
         return subprocess.Popen(cmd + args, start_new_session=True, **kw)
@@ -131,8 +135,11 @@ def zero0_run(shards, tmp_path_factory):
     """ZeRO-0, bf16 autocast, MRConvNeXt-atto (BatchNorm in every MRConv layer), EMA: the reference run."""
     run_dir = tmp_path_factory.mktemp("zero0") / "run"
     out = ok(launch(run_dir, shards, "deepspeed.zero_stage=0", "deepspeed.precision=bf16", "ema.enabled=true",
-                    "ema.decay=0.9"))
+                    "ema.decay=0.9", "logging.progress_bar=true"))
     return run_dir, out
+
+
+ZERO0_SETS = ("deepspeed.zero_stage=0", "deepspeed.precision=bf16", "ema.enabled=true", "ema.decay=0.9")
 
 
 @pytest.mark.slow
@@ -151,6 +158,11 @@ def test_bf16_batchnorm_trains_loss_down_and_logs(zero0_run):
     assert summary["step"] == 16 and summary["metrics"]["val/count"] == VAL_SAMPLES  # exactly the eval set
     assert os.path.isfile(os.path.join(run_dir, "config.yaml"))
     assert "epoch 2/2" in out
+    # The output is a pipe, not a terminal: no progress bar redrawn with carriage returns, but one line per
+    # logging interval (log_every_steps=2).
+    assert "\r" not in out
+    lines = re.findall(r"INFO step (\d+) epoch [\d.]+ loss [\d.]+ lr \S+ \d+ img/s data wait \d+%", out)
+    assert [int(s) for s in lines] == list(range(2, 17, 2)), out[-3000:]
 
 
 @pytest.mark.slow
@@ -165,9 +177,10 @@ def test_zero_stages_train(shards, tmp_path, stage, launcher):
 
 
 @pytest.mark.slow
-def test_kill_and_resume_is_exact(shards, tmp_path):
+def test_kill_and_term_to_everything_resume_exactly(shards, tmp_path):
     """fp32 ZeRO-1 with drop path, mixup/cutmix, EMA and a data worker per rank: SIGKILL once a checkpoint
-    exists, resume, stop with SIGUSR1 (exit 3 after a save), resume again: the same weights as uninterrupted."""
+    exists, resume, stop with `timeout -s TERM` around torchrun (SIGTERM to every rank and every data worker),
+    resume again: the same weights as uninterrupted."""
     sets = ["deepspeed.zero_stage=1", "deepspeed.precision=fp32", "model.drop_path_rate=0.1", "data.mixup=0.8",
             "data.cutmix=1.0", "data.label_smoothing=0.1", "ema.enabled=true", "ema.decay=0.9",
             "data.num_workers=1", "checkpoint.every_steps=3", "checkpoint.keep=1", "logging.eval_every_epochs=2"]
@@ -176,43 +189,111 @@ def test_kill_and_resume_is_exact(shards, tmp_path):
 
     latest = os.path.join(ckpt.checkpoint_dir(str(broken)), ckpt.LATEST)
 
-    def run_until(condition, sig):
-        proc = launch(broken, shards, *sets, wait=False)
+    def step_of_latest():
+        return int(open(latest).read().strip()[len(ckpt.TAG_PREFIX):]) if os.path.isfile(latest) else 0
+
+    def wait_for(proc, condition):
         deadline = time.time() + 240
         while not condition() and proc.poll() is None and time.time() < deadline:
             time.sleep(0.05)
         assert proc.poll() is None, f"the run ended before it could be interrupted:\n{proc.stdout.read()[-4000:]}"
-        # torchrun starts each rank in its own session: signal the ranks' process groups (rank + its data
-        # worker) directly. SIGUSR1 as SLURM sends it, to every task; SIGKILL as a node crash, torchrun too.
-        ranks = [int(p) for p in subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True,
-                                                text=True).stdout.split()]
-        assert len(ranks) == 2, ranks
-        for pid in ranks:
-            os.killpg(pid, sig)
-        if sig == signal.SIGKILL:
-            os.killpg(proc.pid, signal.SIGKILL)
-        out = proc.communicate(timeout=120)[0]
-        return proc.returncode, out
+        assert condition(), "no new checkpoint after 240 s"
 
-    def step_of_latest():
-        return int(open(latest).read().strip()[len(ckpt.TAG_PREFIX):]) if os.path.isfile(latest) else 0
-
-    run_until(lambda: step_of_latest() >= 3, signal.SIGKILL)
+    # A node crash: SIGKILL to torchrun's process group and to each rank's (torchrun starts each in its own).
+    proc = launch(broken, shards, *sets, wait=False)
+    wait_for(proc, lambda: step_of_latest() >= 3)
+    for pid in [int(p) for p in subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True,
+                                               text=True).stdout.split()]:
+        os.killpg(pid, signal.SIGKILL)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.communicate(timeout=120)
     killed_at = step_of_latest()
     assert 3 <= killed_at < 16
-    code, out = run_until(lambda: step_of_latest() > killed_at, signal.SIGUSR1)
-    assert "resumed from" in out and "stop requested" in out, out[-4000:]
+
+    # `timeout` at its limit (SIGALRM is its timer): SIGTERM to torchrun's group; torchrun sends SIGTERM to each
+    # rank's process group, data workers included.
+    proc = launch(broken, shards, *sets, wait=False, prefix=("timeout", "-s", "TERM", "3600"))
+    wait_for(proc, lambda: step_of_latest() > killed_at)
+    os.kill(proc.pid, signal.SIGALRM)
+    out = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 124, out[-4000:]  # timeout's own code for "the time limit was reached"
+    assert "resumed from" in out and "DataLoader worker" not in out, out[-4000:]
+    stop = re.search(r"stop requested \(SIGTERM [\d.]+ s ago\): checkpoint at step (\d+) saved, exiting with 3", out)
+    assert stop, out[-4000:]
     stopped_at = step_of_latest()
-    assert killed_at < stopped_at < 16
+    assert int(stop.group(1)) == stopped_at and killed_at < stopped_at < 16
     out = ok(launch(broken, shards, *sets))
     assert f"step {stopped_at}" in out
 
     a, b = final_weights(straight), final_weights(broken)
     assert a.keys() == b.keys()
     assert_same_model(a, b)
-    ema_a = torch.load(glob.glob(f"{straight}/checkpoints/*/mp_rank_00_model_states.pt")[0], weights_only=False)["ema"]
-    ema_b = torch.load(glob.glob(f"{broken}/checkpoints/*/mp_rank_00_model_states.pt")[0], weights_only=False)["ema"]
+    ema_a = ckpt.safe_load(glob.glob(f"{straight}/checkpoints/*/mp_rank_00_model_states.pt")[0])["ema"]
+    ema_b = ckpt.safe_load(glob.glob(f"{broken}/checkpoints/*/mp_rank_00_model_states.pt")[0])["ema"]
     assert_same_model(ema_a, ema_b)
+
+
+def _signal_mask(pid: int, field: str) -> int:
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1], 16)
+    raise AssertionError(field)
+
+
+@pytest.mark.slow
+def test_stop_signal_during_startup_stops_after_a_checkpoint(shards, tmp_path):
+    """SIGUSR1 while `python -m train` still imports torch: recorded, not fatal (was: exit 138, no message)."""
+    run_dir = tmp_path / "run"
+    proc = launch(run_dir, shards, "data.num_workers=1", launcher="python", wait=False)
+    usr1 = 1 << (signal.SIGUSR1 - 1)
+    deadline = time.time() + 60
+    while not _signal_mask(proc.pid, "SigCgt") & usr1:
+        assert proc.poll() is None and time.time() < deadline, "no SIGUSR1 handler"
+        time.sleep(0.002)
+    maps = open(f"/proc/{proc.pid}/maps").read()
+    assert "libtorch" not in maps, "the handler came only after torch was imported"
+    os.kill(proc.pid, signal.SIGUSR1)
+    out = proc.communicate(timeout=240)[0]
+    assert proc.returncode == 3, out[-4000:]
+    assert re.search(r"stop requested \(SIGUSR1 [\d.]+ s ago\): checkpoint at step 1 saved", out), out[-4000:]
+    assert ckpt.latest_tag(ckpt.checkpoint_dir(str(run_dir))) == ckpt.tag_for(1)
+
+
+@pytest.mark.slow
+def test_truncated_newest_checkpoint_falls_back_to_the_previous(zero0_run, shards, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(zero0_run[0], run_dir)
+    ckpt_dir = ckpt.checkpoint_dir(str(run_dir))
+    assert ckpt.complete_tags(ckpt_dir) == [ckpt.tag_for(12), ckpt.tag_for(16)]
+    newest = os.path.join(ckpt_dir, ckpt.tag_for(16), "mp_rank_00_model_states.pt")
+    with open(newest, "r+b") as f:  # a copy cut short
+        f.truncate(os.path.getsize(newest) // 2)
+    out = ok(launch(run_dir, shards, *ZERO0_SETS))
+    assert f"checkpoint file {newest} cannot be read" in out and "falling back" in out, out[-4000:]
+    assert f"resumed from {ckpt_dir}/{ckpt.tag_for(12)}: " in out
+    assert_same_model(final_weights(zero0_run[0]), final_weights(run_dir))
+
+
+class _Payload:
+    """What a crafted checkpoint holds: unpickling it runs a shell command (here: creates a marker file)."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+@pytest.mark.slow
+def test_crafted_checkpoint_is_refused_on_resume(zero0_run, shards, tmp_path):
+    run_dir, marker = tmp_path / "run", tmp_path / "pwned"
+    shutil.copytree(zero0_run[0], run_dir)
+    crafted = os.path.join(ckpt.checkpoint_dir(str(run_dir)), ckpt.tag_for(16), "mp_rank_00_model_states.pt")
+    torch.save({"module": _Payload(marker)}, crafted)
+    proc = launch(run_dir, shards, *ZERO0_SETS, launcher="python")
+    assert proc.returncode == 2, proc.stdout[-4000:]
+    assert f"checkpoint error: refusing to load {crafted}: it asks to call posix.system" in proc.stdout
+    assert "Traceback" not in proc.stdout and not marker.exists()
 
 
 @pytest.mark.slow

@@ -11,6 +11,7 @@ import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 
 from pipelines.evaluate import topk_correct
+from train import signals
 
 
 def summed_counts(now: Mapping[str, int], before: Mapping[str, int]) -> dict[str, int]:
@@ -33,7 +34,7 @@ def evaluate(model: torch.nn.Module, loader: Iterable, autocast_dtype: torch.dty
     counts_before = dict(getattr(loader, "stats", {}))
     autocast = (torch.autocast(device_type=get_accelerator().device_name(), dtype=autocast_dtype)
                 if autocast_dtype is not None else contextlib.nullcontext())
-    for images, target in loader:
+    for images, target in signals.shielded(loader):  # its workers ignore the stop signals
         images = images.to(device, non_blocking=True)
         target = target.to(device, non_blocking=True)
         with autocast:

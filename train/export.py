@@ -30,17 +30,23 @@ MAX_REL_DIFF = 1e-4
 
 
 def consolidated_state_dict(ckpt_dir: str, tag: str, ema: bool = False) -> dict[str, torch.Tensor]:
-    """fp32 weights and buffers of checkpoint ``tag``: ZeRO partitions merged, or the EMA copy."""
+    """fp32 weights and buffers of checkpoint ``tag``: ZeRO partitions merged, or the EMA copy. Every file is
+    read with ``weights_only=True`` first (train/checkpoint.py), so DeepSpeed's own reader (``weights_only=False``)
+    only ever sees files that hold no code."""
+    bad = ckpt.check_files(ckpt.tag_files(ckpt_dir, tag))
+    if bad:
+        raise ckpt.CheckpointError(f"checkpoint file {bad[0][0]} cannot be read ({bad[0][1]}); export another "
+                                   f"tag with --tag (complete tags: {', '.join(ckpt.complete_tags(ckpt_dir))})")
     model_states = os.path.join(ckpt_dir, tag, "mp_rank_00_model_states.pt")
     if ema:
-        state = torch.load(model_states, map_location="cpu", weights_only=False).get("ema")
+        state = ckpt.safe_load(model_states).get("ema")
         if state is None:
             raise SystemExit(f"{tag} holds no EMA weights (ema.enabled was false)")
         return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
     if glob.glob(os.path.join(ckpt_dir, tag, "*zero_pp_rank_*optim_states.pt")):
         return dict(get_fp32_state_dict_from_zero_checkpoint(ckpt_dir, tag=tag))
     # ZeRO stage 0: the engine's module state is the full fp32 model.
-    module = torch.load(model_states, map_location="cpu", weights_only=False)["module"]
+    module = ckpt.safe_load(model_states)["module"]
     return {k: v.float() if v.is_floating_point() else v for k, v in module.items()}
 
 
@@ -137,7 +143,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--num-images", type=int, default=32)
     p.add_argument("--unfused-out", default=None, help="also write the training-form weights (.safetensors) here")
     args = p.parse_args(argv)
-    export(args.run_dir, args.out, args.data, args.split, args.ema, args.tag, args.num_images, args.unfused_out)
+    try:
+        export(args.run_dir, args.out, args.data, args.split, args.ema, args.tag, args.num_images, args.unfused_out)
+    except ckpt.CheckpointError as exc:
+        print(f"export: error: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

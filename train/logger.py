@@ -1,8 +1,11 @@
-"""Rank-0 outputs: TensorBoard scalars and the per-stage ``alpha`` image, a tqdm bar, one line per epoch."""
+"""Rank-0 outputs: TensorBoard scalars and the per-stage ``alpha`` image, one line per epoch, and within an epoch
+a tqdm bar on a terminal or, when the output goes to a file (SLURM, ``> log``), one line every
+``logging.log_every_steps``: a bar redrawn with carriage returns writes megabytes an hour and no newline."""
 from __future__ import annotations
 
 import logging
 import os
+import sys
 from typing import Optional
 
 import deepspeed
@@ -53,7 +56,8 @@ class RunLogger:
 
     def __init__(self, run_dir: str, rank: int, tensorboard: bool, progress_bar: bool):
         self.rank = rank
-        self.progress_bar = progress_bar and rank == 0
+        # tqdm draws on stderr: a bar only where stderr is a terminal, step lines otherwise.
+        self.progress_bar = progress_bar and rank == 0 and sys.stderr.isatty()
         self.writer: Optional[SummaryWriter] = None
         if rank == 0 and tensorboard:
             self.writer = SummaryWriter(os.path.join(run_dir, TENSORBOARD_SUBDIR))
@@ -80,6 +84,14 @@ class RunLogger:
             for key, value in values.items():
                 if value is not None:
                     self.writer.add_scalar(key, value, step)
+
+    def step_line(self, step: int, values: dict[str, Optional[float]], data_wait: float) -> None:
+        """One line per logging interval where there is no bar. ``data_wait``: the share of the interval rank 0
+        spent waiting for its loader (near 1: the data pipeline is the bottleneck)."""
+        if self.rank == 0 and self.bar is None:
+            _log.info(f"step {step} epoch {values['train/epoch']:.2f} loss {values['train/loss']:.4f} "
+                      f"lr {values['train/lr']:.3g} {values['train/images_per_sec']:.0f} img/s "
+                      f"data wait {100 * data_wait:.0f}%")
 
     def alpha_images(self, step: int, energies: dict[str, np.ndarray]) -> None:
         if self.writer is not None:

@@ -1,9 +1,9 @@
 """One training epoch: micro batches through the DeepSpeed engine, the schedule and the EMA stepped per optimizer
-update, periodic checkpoints, and a stop at the next update boundary when SIGUSR1/SIGTERM arrived."""
+update, periodic checkpoints, and a stop at the next update boundary when SIGUSR1/SIGTERM arrived
+(train/signals.py)."""
 from __future__ import annotations
 
 import random
-import signal
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
@@ -14,6 +14,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from deepspeed.accelerator import get_accelerator
 
+from train import signals
 from train.engine import grad_norm_before_step
 from train.evaluate import summed_counts
 from train.logger import RunLogger
@@ -27,24 +28,12 @@ class Position:
     batch_in_epoch: int = 0
 
 
-class StopFlag:
-    """Set by SIGUSR1/SIGTERM (SLURM's pre-emption warning and cancel); ranks agree on it with an all_reduce
-    at every update boundary, so all of them stop after the same step even when the signal reached them at
-    different times."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        for sig in (signal.SIGUSR1, signal.SIGTERM):
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame) -> None:
-        self.requested = True
-
-    def agreed(self) -> bool:
-        flag = torch.tensor([1.0 if self.requested else 0.0], device=get_accelerator().current_device_name())
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        self.requested = bool(flag.item())
-        return self.requested
+def stop_agreed(device: str) -> bool:
+    """Whether any rank got a stop signal. Ranks agree with an all_reduce at every update boundary, so all of
+    them stop after the same step even when the signal reached them at different times (or only one)."""
+    flag = torch.tensor([1.0 if signals.requested() else 0.0], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
 
 
 def seed_epoch(seed: int, rank: int, epoch: int) -> None:
@@ -71,7 +60,6 @@ class EpochContext:
     scheduler: Any
     ema: Any
     logger: RunLogger
-    stop: StopFlag
     micro_per_epoch: int
     log_every: int
     save_every: int
@@ -87,7 +75,7 @@ def train_one_epoch(ctx: EpochContext, pos: Position, restore_rng: Callable[[dic
     was requested (a checkpoint has then been saved)."""
     engine, device = ctx.engine, get_accelerator().current_device_name()
     data_before = dict(ctx.loader.stats)
-    it = iter(ctx.loader)
+    it = signals.shielded(ctx.loader)
     # Exact resume re-reads the consumed micro batches (decode + augment, no model work): the cost is that
     # part of an epoch of data loading.
     for _ in range(pos.batch_in_epoch):
@@ -97,10 +85,12 @@ def train_one_epoch(ctx: EpochContext, pos: Position, restore_rng: Callable[[dic
         ctx.rng_after_skip = None
     ctx.logger.start_epoch(pos.epoch, ctx.micro_per_epoch, pos.batch_in_epoch)
     engine.train()
-    loss_sum, loss_n, samples, t0 = 0.0, 0, 0, time.perf_counter()
+    loss_sum, loss_n, samples, wait, t0 = 0.0, 0, 0, 0.0, time.perf_counter()
     epoch_loss, epoch_n, epoch_t0, epoch_samples = 0.0, 0, time.perf_counter(), 0
     while pos.batch_in_epoch < ctx.micro_per_epoch:
+        t_wait = time.perf_counter()
         images, target = next(it)
+        wait += time.perf_counter() - t_wait
         images, target = images.to(device, non_blocking=True), target.to(device, non_blocking=True)
         loss = loss_fn(engine(images), target)
         engine.backward(loss)
@@ -124,15 +114,17 @@ def train_one_epoch(ctx: EpochContext, pos: Position, restore_rng: Callable[[dic
             mean_loss = torch.tensor([loss_sum / loss_n], device=device)
             dist.all_reduce(mean_loss)
             elapsed = time.perf_counter() - t0
-            ctx.logger.scalars(pos.step, {
+            values = {
                 "train/loss": mean_loss.item() / ctx.world_size,
                 "train/lr": engine.optimizer.param_groups[0]["lr"],
                 "train/images_per_sec": samples * ctx.world_size / elapsed,
                 "train/grad_norm": None if grad_norm is None else float(grad_norm),
                 "train/epoch": pos.epoch + pos.batch_in_epoch / ctx.micro_per_epoch,
-            })
-            loss_sum, loss_n, samples, t0 = 0.0, 0, 0, time.perf_counter()
-        stop = ctx.stop.agreed()
+            }
+            ctx.logger.scalars(pos.step, values)
+            ctx.logger.step_line(pos.step, values, data_wait=wait / elapsed)
+            loss_sum, loss_n, samples, wait, t0 = 0.0, 0, 0, 0.0, time.perf_counter()
+        stop = stop_agreed(device)
         if stop or pos.step % ctx.save_every == 0:
             ctx.save(pos)
             ctx.last_saved_step = pos.step

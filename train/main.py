@@ -2,7 +2,8 @@
 
 Same entry point under ``torchrun``, the ``deepspeed`` launcher and ``srun`` (world info in train/distributed.py).
 Exit codes: 0 finished, 3 stopped on SIGUSR1/SIGTERM after saving a checkpoint (the job is to be requeued;
-the next start resumes from the run directory), 2 bad config or data (one line on stderr, no traceback).
+the next start resumes from the run directory), 2 bad config, data or a refused checkpoint (one line on stderr,
+no traceback). The stop handlers are installed by ``train/__main__.py`` before any heavy import (train/signals.py).
 """
 from __future__ import annotations
 
@@ -24,13 +25,14 @@ import models  # noqa: F401  (registers mrconvnext_* in timm)
 from pipelines.data import (COUNT_KEYS, DataError, check_readers, check_split, create_eval_loader,
                             create_train_loader, read_info)
 from train import checkpoint as ckpt
+from train import signals
 from train.config import (ConfigError, TrainConfig, check_model_name, load_config, model_kwarg_hint, plan_batches,
                           scaled_lr, write_config)
 from train.distributed import init_distributed, world_info_from_env
 from train.engine import autocast_dtype, create_engine, deepspeed_config
 from train.evaluate import evaluate
 from train.logger import RunLogger, alpha_energy, setup_logging
-from train.loop import EpochContext, Position, StopFlag, seed_epoch, train_one_epoch
+from train.loop import EpochContext, Position, seed_epoch, train_one_epoch
 from train.optim import create_optimizer, create_scheduler
 
 EXIT_FINISHED, EXIT_BAD_CONFIG, EXIT_STOPPED = 0, 2, 3
@@ -89,7 +91,6 @@ def preflight(cfg: TrainConfig) -> None:
 
 
 def run(cfg: TrainConfig, run_dir: str) -> int:
-    stop = StopFlag()  # first: a pre-emption signal during the slow setup must stop cleanly, not kill the job
     world = init_distributed()
     rank, world_size = world.rank, world.world_size
     log = setup_logging(rank)
@@ -98,7 +99,7 @@ def run(cfg: TrainConfig, run_dir: str) -> int:
     cfg.model.num_classes = num_classes_for(cfg, read_info(cfg.data.dir))
     num_classes = cfg.model.num_classes
     ckpt_dir = ckpt.checkpoint_dir(run_dir)
-    tag = ckpt.latest_tag(ckpt_dir)
+    tag = ckpt.resume_tag(ckpt_dir)
     if tag is not None:
         ckpt.check_compatible(ckpt.read_meta(ckpt_dir, tag), cfg, world_size, os.path.join(ckpt_dir, tag))
     if rank == 0:
@@ -170,7 +171,7 @@ def run(cfg: TrainConfig, run_dir: str) -> int:
         logger.info(f"saved checkpoint {os.path.join(ckpt_dir, saved)}")
 
     ctx = EpochContext(engine=engine, loader=train_loader, scheduler=scheduler, ema=ema, logger=logger,
-                       stop=stop, micro_per_epoch=micro_per_epoch, log_every=cfg.logging.log_every_steps,
+                       micro_per_epoch=micro_per_epoch, log_every=cfg.logging.log_every_steps,
                        save_every=cfg.checkpoint.every_steps, save=save, world_size=world_size,
                        rng_after_skip=rng_after_skip, last_saved_step=pos.step if tag else -1)
     metrics: dict = {}
@@ -180,7 +181,9 @@ def run(cfg: TrainConfig, run_dir: str) -> int:
         seed_epoch(cfg.seed, rank, pos.epoch)
         train_loader.set_epoch(pos.epoch)
         if not train_one_epoch(ctx, pos, ckpt.set_rng_state):
-            logger.info(f"stop requested: checkpoint at step {pos.step} saved, exiting with {EXIT_STOPPED}")
+            got = signals.received()
+            how = f"{got[0]} {time.monotonic() - got[1]:.1f} s ago" if got else "on another rank"
+            logger.info(f"stop requested ({how}): checkpoint at step {pos.step} saved, exiting with {EXIT_STOPPED}")
             logger.close()
             return EXIT_STOPPED
         last = pos.epoch + 1 == s.epochs
@@ -195,7 +198,8 @@ def run(cfg: TrainConfig, run_dir: str) -> int:
             average_bn()
             metrics = {f"val/{k}": v for k, v in evaluate(engine, eval_loader, amp_dtype).items()}
             if ema is not None and cfg.ema.eval:
-                metrics.update({f"val_ema/{k}": v for k, v in evaluate(ema.module, eval_loader, amp_dtype).items()})
+                metrics.update({f"val_ema/{k}": v for k, v in
+                                evaluate(ema.module, eval_loader, amp_dtype).items()})
             logger.scalars(pos.step, {k: v for k, v in metrics.items() if not k.endswith("count")})
             line += " " + " ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k.split("/")[1] in ("top1", "top5"))
             bad.update({f"val {k[4:]}": v for k, v in metrics.items() if k[4:] in COUNT_KEYS and k[:4] == "val/"})
@@ -237,4 +241,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         return EXIT_BAD_CONFIG
     except DataError as exc:
         print(f"data error: {exc}", file=sys.stderr)
+        return EXIT_BAD_CONFIG
+    except ckpt.CheckpointError as exc:
+        print(f"checkpoint error: {exc}", file=sys.stderr)
         return EXIT_BAD_CONFIG
