@@ -60,7 +60,7 @@ def read_state_dict(path: str) -> dict[str, torch.Tensor]:
         refused = re.search(r"GLOBAL ([\w.]+)", str(exc))
         raise ValueError(f"refusing to load {path}: it asks to call "
                          f"{refused.group(1) if refused else 'something else than tensors'}, which is not part "
-                         f"of a checkpoint (a crafted file? export plain weights with python -m train.export)"
+                         f"of a checkpoint; refused (a crafted file? export plain weights with python -m train.export)"
                          ) from None
     except (OSError, RuntimeError) as exc:  # torch and safetensors say 'not a checkpoint' this way
         raise ValueError(f"{path} is not a readable checkpoint ({str(exc).splitlines()[0]})") from None
