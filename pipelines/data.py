@@ -29,7 +29,6 @@ import itertools
 import json
 import logging
 import math
-import multiprocessing
 import os
 import random
 from typing import Any, Iterator, Sequence
@@ -430,18 +429,6 @@ class _ShardStream(IterableDataset):
 # the loader
 
 
-def _worker_context(num_workers: int):
-    """Workers start from a fork server, not as forks of the trainer. A fork of a process whose other threads
-    (gloo's, TensorBoard's writer, the last epoch's queue feeders) are running can leave the child blocked for
-    good on a lock one of them held: seen as a worker stuck in ``PyOS_AfterFork_Child`` and a trainer waiting on
-    it forever. The server (single-threaded, this module preloaded) is started once, from the first iteration;
-    under ``train.signals.shielded`` it and so every worker ignore the stop signals."""
-    if num_workers == 0:
-        return None
-    multiprocessing.set_forkserver_preload([__name__])
-    return multiprocessing.get_context("forkserver")
-
-
 class ShardLoader:
     """Iterable of (images float32 (B, C, H, W), targets) for one rank; call ``set_epoch`` before each epoch.
     With a ``device_decoder`` (``decode="gpu"``) the workers send encoded bytes and the batches come out decoded
@@ -487,7 +474,7 @@ class ShardLoader:
         if self._require_epoch and not self._epoch_set:
             raise RuntimeError("call loader.set_epoch(epoch) before iterating a train ShardLoader")
         loader = DataLoader(self._stream, batch_size=None, num_workers=self._num_workers,
-                            persistent_workers=False, multiprocessing_context=_worker_context(self._num_workers))
+                            persistent_workers=False)
         batches = self._counted(loader)
         if self._device_decoder is not None:  # the workers' batches are (bytes, lengths), targets
             batches = self._device_decoder.decode_ahead(batches, epoch=self._stream.epoch)
