@@ -49,6 +49,10 @@ INFO_NAME = "_info.json"
 IMAGE_KEYS = ("jpg", "png", "webp")
 TAR_END = 2 * 512  # a complete tar ends with two zero blocks (then zero padding to a whole record)
 WARN_LIMIT = 10  # problems each worker logs one by one per epoch; the rest are counted
+# A worker that sends no batch for this long is taken as stuck and the loader raises, so a run crashes (and
+# resumes when restarted) instead of waiting forever. Seen once: a worker forked from the threaded trainer stuck
+# in PyOS_AfterFork_Child. Far above any batch's decode time, even on slow storage.
+WORKER_TIMEOUT_S = 600
 COUNT_KEYS = ("corrupt_skipped", "shard_read_errors", "short_samples", "shards_given_up")
 
 
@@ -474,7 +478,7 @@ class ShardLoader:
         if self._require_epoch and not self._epoch_set:
             raise RuntimeError("call loader.set_epoch(epoch) before iterating a train ShardLoader")
         loader = DataLoader(self._stream, batch_size=None, num_workers=self._num_workers,
-                            persistent_workers=False)
+                            persistent_workers=False, timeout=WORKER_TIMEOUT_S if self._num_workers else 0)
         batches = self._counted(loader)
         if self._device_decoder is not None:  # the workers' batches are (bytes, lengths), targets
             batches = self._device_decoder.decode_ahead(batches, epoch=self._stream.epoch)

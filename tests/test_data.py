@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections import Counter
 
 import pytest
@@ -142,6 +143,24 @@ def test_eval_reads_every_sample_once_across_ranks_and_workers(tmp_path):
             assert images.shape[1:] == (3, 32, 32)
             seen.update(targets.tolist())
     assert seen == Counter({s: n for s, n in enumerate(lengths)})
+
+
+class _StuckStream(data._ShardStream):
+    """A fake, named as such: a worker that never answers, which is what a worker stuck after its fork looks like
+    (a fault that cannot be caused on purpose)."""
+
+    def __iter__(self):
+        time.sleep(3600)
+        yield from ()
+
+
+def test_a_stuck_worker_makes_the_loader_raise_instead_of_waiting_forever(tmp_path, monkeypatch):
+    write_split(tmp_path, "validation", [4])
+    loader = data.create_eval_loader(str(tmp_path), batch_size=2, img_size=32, num_workers=1)
+    loader._stream.__class__ = _StuckStream
+    monkeypatch.setattr(data, "WORKER_TIMEOUT_S", 2)
+    with pytest.raises(RuntimeError, match="timed out after 2 seconds"):
+        next(iter(loader))
 
 
 def test_grayscale_mixup_and_label_smoothing_targets(tmp_path):
