@@ -29,11 +29,13 @@ from typing import Any, Iterable, Mapping
 
 import torch
 
+from train.engine import AMP_DTYPES
+from train.evaluate import topk_correct
+
 # timm's results-imagenet.csv columns, in its order.
 RESULTS_COLUMNS = ("model", "img_size", "top1", "top1_err", "top5", "top5_err", "param_count", "crop_pct",
                    "interpolation")
 STATE_DICT_KEYS = ("state_dict", "model", "module")
-AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class UsageError(Exception):
@@ -137,13 +139,6 @@ def load_model(name: str, checkpoint: str | Mapping[str, torch.Tensor], *,
 
 # ----------------------------------------------------------------------------------------------------------
 # scoring
-
-
-def topk_correct(logits: torch.Tensor, target: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> list[int]:
-    """Samples whose target is among the top-k logits, for each k (k capped at the number of classes)."""
-    maxk = min(max(ks), logits.shape[1])
-    hit = logits.topk(maxk, dim=1).indices.eq(target.view(-1, 1))
-    return [int(hit[:, :min(k, maxk)].any(dim=1).sum()) for k in ks]
 
 
 @torch.inference_mode()

@@ -29,6 +29,8 @@ from dataclasses import dataclass
 
 import torch
 
+from train.engine import AMP_DTYPES
+
 from .timing import device_name, interleaved, machine_description, peak_memory_gib, tensor_bytes
 
 # timm benchmark.py's CSV columns, in its order (infer_macts: fvcore activations in millions), then peak memory.
@@ -36,7 +38,6 @@ INFER_COLUMNS = ("model", "infer_img_size", "infer_samples_per_sec", "infer_step
                  "param_count", "infer_gmacs", "infer_macts", "infer_peak_mem_gib")
 TRAIN_COLUMNS = ("train_samples_per_sec", "train_step_time", "train_peak_mem_gib")
 FORMS = ("fused", "unfused")
-AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass(frozen=True)
