@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Sequence
 
 from train.config import ConfigError, TrainConfig, load_config, write_config
+from train.files import atomic_write, atomic_write_text
 
 SUMMARY, WEIGHTS, UNFUSED, RESULTS = "summary.json", "model.safetensors", "model_unfused.safetensors", "results.csv"
 RESULTS_COLUMNS = ("model", "img_size", "top1", "top1_err", "top5", "top5_err", "param_count", "crop_pct",
@@ -164,12 +165,10 @@ def merge_csv(paths: Sequence[str], out: str, columns: Sequence[str]) -> list[di
     for path in paths:
         with open(path, newline="") as f:
             rows.extend(csv.DictReader(f))
-    tmp = f"{out}.tmp"
-    with open(tmp, "w", newline="") as f:
+    with atomic_write(out) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
-    os.replace(tmp, out)
     return rows
 
 
@@ -217,9 +216,7 @@ def submit_array(cfg: TrainConfig, recipes: dict[str, str], out: str, args: argp
     except SubmitError as exc:
         raise CompareError(str(exc)) from None
     listing = os.path.join(out, "sweep.txt")
-    with open(f"{listing}.tmp", "w") as f:
-        f.write("".join(f"{os.path.abspath(recipes[n])} {n}\n" for n in todo))
-    os.replace(f"{listing}.tmp", listing)
+    atomic_write_text(listing, "".join(f"{os.path.abspath(recipes[n])} {n}\n" for n in todo))
     cmd = sweep_command(plan, Path(listing), Path(out).resolve(), len(todo), partition=args.partition,
                         time=args.time, account=args.account, cpus_per_task=args.cpus_per_task)
     print(f"# {len(todo)} array task(s), each {plan.describe()}")

@@ -30,6 +30,8 @@ import sys
 import time
 import urllib.request
 
+from train.files import atomic_write
+
 DEBIAN_DIR = "/usr/share/datasets/fashion-mnist"
 DOWNLOAD_URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
 # idx files: name -> (magic number, number of items)
@@ -63,16 +65,14 @@ def fashion_mnist_source(cache_dir: str) -> str:
             continue
         print(f"[data] downloading {DOWNLOAD_URL}{name} (no dataset-fashion-mnist package: "
               f"`apt-get install dataset-fashion-mnist` avoids this)")
-        tmp = path + ".part"
-        try:
-            urllib.request.urlretrieve(DOWNLOAD_URL + name, tmp)
-        except OSError as exc:
-            raise SystemExit(f"could not download {name}: {exc}. Install the Debian package dataset-fashion-mnist "
-                             f"or put the four idx .gz files into {cache_dir}") from exc
-        if not idx_ok(tmp, *spec):
-            os.remove(tmp)
-            raise SystemExit(f"{DOWNLOAD_URL}{name} is not the Fashion-MNIST idx file it should be")
-        os.replace(tmp, path)
+        with atomic_write(path) as tmp:
+            try:
+                urllib.request.urlretrieve(DOWNLOAD_URL + name, tmp)
+            except OSError as exc:
+                raise SystemExit(f"could not download {name}: {exc}. Install the Debian package "
+                                 f"dataset-fashion-mnist or put the four idx .gz files into {cache_dir}") from exc
+            if not idx_ok(tmp, *spec):
+                raise SystemExit(f"{DOWNLOAD_URL}{name} is not the Fashion-MNIST idx file it should be")
     return cache_dir
 
 

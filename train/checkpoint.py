@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 
 from train.config import ConfigError, TrainConfig, config_diff, fingerprint, to_dict
+from train.files import atomic_write_text
 
 _log = logging.getLogger("train")
 
@@ -202,8 +203,8 @@ def save(engine, run_dir: str, cfg: TrainConfig, *, step: int, epoch: int, batch
         meta = {"tag": tag, "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "world_size": world,
                 "model_name": cfg.model.name, "model_kwargs": cfg.model.kwargs, "fingerprint": fingerprint(cfg),
                 "config": to_dict(cfg)}
-        _atomic_write(os.path.join(ckpt_dir, tag, META), json.dumps(meta, indent=1, default=str))
-        _atomic_write(os.path.join(ckpt_dir, LATEST), tag)
+        atomic_write_text(os.path.join(ckpt_dir, tag, META), json.dumps(meta, indent=1, default=str))
+        atomic_write_text(os.path.join(ckpt_dir, LATEST), tag)
     dist.barrier()
     if rank == 0:
         prune(ckpt_dir, keep)
@@ -233,15 +234,6 @@ def prune(ckpt_dir: str, keep: int) -> None:
     for t in tags:
         if t not in keep_set and t <= current:
             shutil.rmtree(os.path.join(ckpt_dir, t), ignore_errors=True)
-
-
-def _atomic_write(path: str, text: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def ema_state_dict(ema: Any) -> Optional[dict]:

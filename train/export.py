@@ -25,6 +25,7 @@ import models  # noqa: F401  (registers mrconvnext_* in timm)
 from pipelines.data import create_eval_loader
 from train import checkpoint as ckpt
 from train.config import TrainConfig, from_dict
+from train.files import atomic_write
 
 MAX_REL_DIFF = 1e-4
 
@@ -80,9 +81,8 @@ def load_call(name: str, out: str, num_classes: int, in_chans: int, img_size: in
 def save_atomic(state: dict[str, torch.Tensor], path: str, metadata: dict[str, str]) -> None:
     """Write safetensors under a temporary name, then rename: a crash never leaves a half-written file at ``path``."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    save_file({k: v.detach().contiguous() for k, v in state.items()}, tmp, metadata=metadata)
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:
+        save_file({k: v.detach().contiguous() for k, v in state.items()}, tmp, metadata=metadata)
 
 
 def export(run_dir: str, out: str, data_dir: Optional[str] = None, split: str = "validation", ema: bool = False,
