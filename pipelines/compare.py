@@ -35,6 +35,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from pipelines.shards import INFO_NAME
 from train.config import ConfigError, TrainConfig, load_config, write_config
 from train.files import atomic_write, atomic_write_text
 
@@ -49,6 +50,11 @@ class CompareError(ValueError):
 
 def is_mrconv(name: str) -> bool:
     return name.startswith("mrconvnext_")
+
+
+def peer_of(name: str) -> str | None:
+    """The ConvNeXt that an MRConvNeXt replaces the 7x7 depthwise conv of (same depths and dims)."""
+    return name.replace("mrconvnext_", "convnext_", 1) if is_mrconv(name) else None
 
 
 def init_args(path: Path, cls_name: str) -> set[str]:
@@ -276,7 +282,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = load_config(args.config, overrides)
         cfg.data.dir = os.path.abspath(cfg.data.dir)
         data = cfg.data.dir
-        if not os.path.exists(os.path.join(data, "_info.json")):
+        if not os.path.exists(os.path.join(data, INFO_NAME)):
             raise CompareError(f"no shards in {data} (write them with python -m pipelines.shards, or pass --data)")
         out = os.path.abspath(args.out or os.path.join("runs", "compare", Path(args.config).stem))
         recipes = write_configs(cfg, models, out)
@@ -292,10 +298,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                     continue
                 print(f"\n== {i}/{len(models)} train {name} -> {run_dir}")
                 run(train_cmd(recipes[name], run_dir, args.ranks), env=env)
-        with open(os.path.join(data, "_info.json")) as f:
+        with open(os.path.join(data, INFO_NAME)) as f:
             num_classes = cfg.model.num_classes or len(json.load(f).get("classes") or [])
         if not num_classes:
-            raise CompareError(f"{data}/_info.json lists no classes: set model.num_classes (--set)")
+            raise CompareError(f"{data}/{INFO_NAME} lists no classes: set model.num_classes (--set)")
         paths = collect(cfg, models, out, data, num_classes, env, args)
     except (CompareError, ConfigError) as exc:
         print(f"compare: error: {exc}", file=sys.stderr)

@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
 
     cfg = load_config(args.config, [f"data.dir={args.data}", *args.overrides])
     py = sys.executable
-    peer = cfg.model.name.replace("mrconvnext_", "convnext_", 1)
+    peer = compare.peer_of(cfg.model.name) or cfg.model.name
     # On a GPU the peer costs little next to the MRConvNeXt; on 2 CPU cores it would break the 15-minute demo.
     with_peer = (args.with_peer or torch.cuda.is_available()) and peer != cfg.model.name
     run_dir, data = args.run_dir, args.data

@@ -37,6 +37,7 @@ from tqdm import tqdm
 
 from train.files import TMP_SUFFIX, atomic_write, atomic_write_text
 
+# The shard folder format this module writes; pipelines.data reads it by the same names.
 INFO_NAME = "_info.json"
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 # PIL format -> shard member extension (the keys timm's reader looks for: 'jpg;png;webp')

@@ -9,7 +9,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ import torch
 from tests.conftest import VAL_SAMPLES, assert_same_model, final_weights
 from train import checkpoint as ckpt
 from train.config import ConfigError, load_config, plan_batches
+from train.distributed import free_port
 from train.logger import TENSORBOARD_SUBDIR
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -31,18 +31,12 @@ SMALL = ["data.batch_size=16", "data.num_workers=0", "schedule.epochs=2", "sched
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(run_dir, data, *sets, launcher="torchrun", nproc=2, config="fashion_mnist", wait=True, timeout=300,
            prefix=()):
     args = ["--config", config, "--run-dir", str(run_dir)]
     for s in [f"data.dir={data}", *SMALL, *sets]:
         args += ["--set", s]
-    port = str(_free_port())
+    port = str(free_port())
     if launcher == "torchrun":
         cmd = [os.path.join(BIN, "torchrun"), "--nproc_per_node", str(nproc), "--master_port", port, "-m", "train"]
     elif launcher == "deepspeed":

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 from dataclasses import dataclass
 from typing import Mapping
 
-__all__ = ["WorldInfo", "first_host", "master_port_for_job", "world_info_from_env", "init_distributed"]
+__all__ = ["WorldInfo", "first_host", "master_port_for_job", "free_port", "world_info_from_env", "init_distributed"]
 
 DEFAULT_MASTER_ADDR = "127.0.0.1"
 DEFAULT_MASTER_PORT = 29500
@@ -62,6 +63,13 @@ def first_host(nodelist: str) -> str:
 def master_port_for_job(job_id: int) -> int:
     """A port every task of a job derives alike, different for jobs that may share a node."""
     return SLURM_PORT_BASE + job_id % SLURM_PORT_RANGE
+
+
+def free_port() -> int:
+    """A TCP port free on this host now, for a local launcher's MASTER_PORT."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _int(env: Mapping[str, str], key: str) -> int:
