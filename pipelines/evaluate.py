@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
 import torch
+from deepspeed.accelerator import get_accelerator
 
 from train.engine import AMP_DTYPES
 from train.evaluate import topk_correct
@@ -265,7 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--in-chans", type=int, default=None,
                    help="default: the export side file's, else the checkpoint's first conv")
     p.add_argument("--amp", choices=sorted(AMP_DTYPES), default=None)
-    p.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK if available, else cpu")
+    p.add_argument("--device", default=None,
+                   help="default: the accelerator's device LOCAL_RANK (cuda:N, ...) if there is one, else cpu")
     p.add_argument("--name", default=None, help="model name in the results row (default: --model)")
     p.add_argument("--results", default=None, help="append the row to this CSV (timm's results format)")
     return p
@@ -303,11 +305,13 @@ def run(args: argparse.Namespace) -> int:
         from train.distributed import init_distributed
 
         init_distributed()
+    accelerator = get_accelerator()
     if args.device:
         device = torch.device(args.device)
+    elif accelerator.device_name() != "cpu":
+        device = torch.device(accelerator.device_name(world.local_rank % accelerator.device_count()))
     else:
-        device = torch.device(f"cuda:{world.local_rank % torch.cuda.device_count()}" if torch.cuda.is_available()
-                              else "cpu")
+        device = torch.device("cpu")
     try:
         model = load_model(args.model, state, model_kwargs=settings.model_kwargs,
                            num_classes=settings.num_classes, in_chans=settings.in_chans,

@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="also train the matching ConvNeXt on CPU (always done on a GPU), so that the plot compares")
     args = p.parse_args(argv)
 
-    import torch
+    from deepspeed.accelerator import get_accelerator
 
     from pipelines import compare
     from train.config import load_config
@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     py = sys.executable
     peer = compare.peer_of(cfg.model.name) or cfg.model.name
     # On a GPU the peer costs little next to the MRConvNeXt; on 2 CPU cores it would break the 15-minute demo.
-    with_peer = (args.with_peer or torch.cuda.is_available()) and peer != cfg.model.name
+    with_peer = (args.with_peer or get_accelerator().device_name() != "cpu") and peer != cfg.model.name
     run_dir, data = args.run_dir, args.data
     peer_dir = os.path.join(run_dir, peer)
     weights = os.path.join(run_dir, "model.safetensors")
