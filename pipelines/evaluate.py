@@ -79,16 +79,6 @@ def read_state_dict(path: str) -> dict[str, torch.Tensor]:
     return dict(state)
 
 
-def export_info(checkpoint: str) -> dict:
-    """The side file ``python -m train.export`` writes next to a fused checkpoint (``{} if absent``)."""
-    path = os.path.splitext(checkpoint)[0] + ".json"
-    if not os.path.isfile(path):
-        return {}
-    with open(path) as f:
-        info = json.load(f)
-    return info if isinstance(info, dict) and "model" in info else {}
-
-
 def _head_shape(state: Mapping[str, torch.Tensor], key: str | None, dim: int) -> int | None:
     weight = state.get(f"{key}.weight") if key else None
     return int(weight.shape[dim]) if weight is not None and weight.ndim > dim else None
@@ -213,10 +203,12 @@ def resolve_settings(args: argparse.Namespace, data_info: Mapping[str, Any],
                      state: Mapping[str, torch.Tensor]) -> EvalSettings:
     """Command line > the export side file > the data's classes / the checkpoint's first conv / the model's
     pretrained config."""
-    side = export_info(args.checkpoint)
+    from train.export import read_side_file, side_file
+
+    side = read_side_file(args.checkpoint)
     if side and side["model"].split(".")[0] != args.model.split(".")[0]:
         raise UsageError(f"{args.checkpoint} holds {side['model']} weights (its export side file "
-                         f"{os.path.splitext(args.checkpoint)[0]}.json says so), not {args.model}: evaluate it with "
+                         f"{side_file(args.checkpoint)} says so), not {args.model}: evaluate it with "
                          f"--model {side['model']}")
     kwargs = dict(side.get("kwargs") or {})
     kwargs.update(json.loads(args.model_kwargs) if args.model_kwargs else {})

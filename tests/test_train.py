@@ -3,7 +3,6 @@ real WebDataset shards (the `shards` fixture of conftest.py: a slice of the pack
 TensorBoard event files. Runs share one shard folder and keep to a few optimizer steps on a small model at 32px."""
 from __future__ import annotations
 
-import glob
 import json
 import os
 import re
@@ -222,8 +221,7 @@ def test_kill_and_term_to_everything_resume_exactly(shards, tmp_path):
     a, b = final_weights(straight), final_weights(broken)
     assert a.keys() == b.keys()
     assert_same_model(a, b)
-    ema_a = ckpt.safe_load(glob.glob(f"{straight}/checkpoints/*/mp_rank_00_model_states.pt")[0])["ema"]
-    ema_b = ckpt.safe_load(glob.glob(f"{broken}/checkpoints/*/mp_rank_00_model_states.pt")[0])["ema"]
+    ema_a, ema_b = (ckpt.ema_weights(d, ckpt.latest_tag(d)) for d in map(ckpt.checkpoint_dir, (straight, broken)))
     assert_same_model(ema_a, ema_b)
 
 
@@ -259,7 +257,7 @@ def test_truncated_newest_checkpoint_falls_back_to_the_previous(zero0_run, shard
     shutil.copytree(zero0_run[0], run_dir)
     ckpt_dir = ckpt.checkpoint_dir(str(run_dir))
     assert ckpt.complete_tags(ckpt_dir) == [ckpt.tag_for(12), ckpt.tag_for(16)]
-    newest = os.path.join(ckpt_dir, ckpt.tag_for(16), "mp_rank_00_model_states.pt")
+    newest = ckpt.model_states_file(ckpt_dir, ckpt.tag_for(16))
     with open(newest, "r+b") as f:  # a copy cut short
         f.truncate(os.path.getsize(newest) // 2)
     out = ok(launch(run_dir, shards, *ZERO0_SETS))
@@ -282,7 +280,7 @@ class _Payload:
 def test_crafted_checkpoint_is_refused_on_resume(zero0_run, shards, tmp_path):
     run_dir, marker = tmp_path / "run", tmp_path / "pwned"
     shutil.copytree(zero0_run[0], run_dir)
-    crafted = os.path.join(ckpt.checkpoint_dir(str(run_dir)), ckpt.tag_for(16), "mp_rank_00_model_states.pt")
+    crafted = ckpt.model_states_file(ckpt.checkpoint_dir(str(run_dir)), ckpt.tag_for(16))
     torch.save({"module": _Payload(marker)}, crafted)
     proc = launch(run_dir, shards, *ZERO0_SETS, launcher="python")
     assert proc.returncode == 2, proc.stdout[-4000:]
