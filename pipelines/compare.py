@@ -35,7 +35,9 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from pipelines.shards import INFO_NAME
 from train.config import ConfigError, TrainConfig, load_config, write_config
+from train.files import atomic_write, atomic_write_text
 
 SUMMARY, WEIGHTS, UNFUSED, RESULTS = "summary.json", "model.safetensors", "model_unfused.safetensors", "results.csv"
 RESULTS_COLUMNS = ("model", "img_size", "top1", "top1_err", "top5", "top5_err", "param_count", "crop_pct",
@@ -48,6 +50,11 @@ class CompareError(ValueError):
 
 def is_mrconv(name: str) -> bool:
     return name.startswith("mrconvnext_")
+
+
+def peer_of(name: str) -> str | None:
+    """The ConvNeXt that an MRConvNeXt replaces the 7x7 depthwise conv of (same depths and dims)."""
+    return name.replace("mrconvnext_", "convnext_", 1) if is_mrconv(name) else None
 
 
 def init_args(path: Path, cls_name: str) -> set[str]:
@@ -164,12 +171,10 @@ def merge_csv(paths: Sequence[str], out: str, columns: Sequence[str]) -> list[di
     for path in paths:
         with open(path, newline="") as f:
             rows.extend(csv.DictReader(f))
-    tmp = f"{out}.tmp"
-    with open(tmp, "w", newline="") as f:
+    with atomic_write(out) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
-    os.replace(tmp, out)
     return rows
 
 
@@ -217,9 +222,7 @@ def submit_array(cfg: TrainConfig, recipes: dict[str, str], out: str, args: argp
     except SubmitError as exc:
         raise CompareError(str(exc)) from None
     listing = os.path.join(out, "sweep.txt")
-    with open(f"{listing}.tmp", "w") as f:
-        f.write("".join(f"{os.path.abspath(recipes[n])} {n}\n" for n in todo))
-    os.replace(f"{listing}.tmp", listing)
+    atomic_write_text(listing, "".join(f"{os.path.abspath(recipes[n])} {n}\n" for n in todo))
     cmd = sweep_command(plan, Path(listing), Path(out).resolve(), len(todo), partition=args.partition,
                         time=args.time, account=args.account, cpus_per_task=args.cpus_per_task)
     print(f"# {len(todo)} array task(s), each {plan.describe()}")
@@ -279,7 +282,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = load_config(args.config, overrides)
         cfg.data.dir = os.path.abspath(cfg.data.dir)
         data = cfg.data.dir
-        if not os.path.exists(os.path.join(data, "_info.json")):
+        if not os.path.exists(os.path.join(data, INFO_NAME)):
             raise CompareError(f"no shards in {data} (write them with python -m pipelines.shards, or pass --data)")
         out = os.path.abspath(args.out or os.path.join("runs", "compare", Path(args.config).stem))
         recipes = write_configs(cfg, models, out)
@@ -295,10 +298,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                     continue
                 print(f"\n== {i}/{len(models)} train {name} -> {run_dir}")
                 run(train_cmd(recipes[name], run_dir, args.ranks), env=env)
-        with open(os.path.join(data, "_info.json")) as f:
+        with open(os.path.join(data, INFO_NAME)) as f:
             num_classes = cfg.model.num_classes or len(json.load(f).get("classes") or [])
         if not num_classes:
-            raise CompareError(f"{data}/_info.json lists no classes: set model.num_classes (--set)")
+            raise CompareError(f"{data}/{INFO_NAME} lists no classes: set model.num_classes (--set)")
         paths = collect(cfg, models, out, data, num_classes, env, args)
     except (CompareError, ConfigError) as exc:
         print(f"compare: error: {exc}", file=sys.stderr)

@@ -42,11 +42,11 @@ from timm.data.mixup import mixup_target
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipelines.decode import DeviceDecoder, DraftCropDecoder
+from pipelines.shards import FORMAT_EXT, INFO_NAME
 
 _logger = logging.getLogger(__name__)
 
-INFO_NAME = "_info.json"
-IMAGE_KEYS = ("jpg", "png", "webp")
+IMAGE_KEYS = tuple(FORMAT_EXT.values())  # the members an image may be stored as, in the order they are looked for
 TAR_END = 2 * 512  # a complete tar ends with two zero blocks (then zero padding to a whole record)
 WARN_LIMIT = 10  # problems each worker logs one by one per epoch; the rest are counted
 # A worker that sends no batch for this long is taken as stuck and the loader raises, so a run crashes (and

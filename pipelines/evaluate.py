@@ -28,12 +28,15 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
 import torch
+from deepspeed.accelerator import get_accelerator
+
+from train.engine import AMP_DTYPES
+from train.evaluate import topk_correct
 
 # timm's results-imagenet.csv columns, in its order.
 RESULTS_COLUMNS = ("model", "img_size", "top1", "top1_err", "top5", "top5_err", "param_count", "crop_pct",
                    "interpolation")
 STATE_DICT_KEYS = ("state_dict", "model", "module")
-AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class UsageError(Exception):
@@ -74,16 +77,6 @@ def read_state_dict(path: str) -> dict[str, torch.Tensor]:
     if all(k.startswith("module.") for k in state):
         state = {k[len("module."):]: v for k, v in state.items()}
     return dict(state)
-
-
-def export_info(checkpoint: str) -> dict:
-    """The side file ``python -m train.export`` writes next to a fused checkpoint (``{} if absent``)."""
-    path = os.path.splitext(checkpoint)[0] + ".json"
-    if not os.path.isfile(path):
-        return {}
-    with open(path) as f:
-        info = json.load(f)
-    return info if isinstance(info, dict) and "model" in info else {}
 
 
 def _head_shape(state: Mapping[str, torch.Tensor], key: str | None, dim: int) -> int | None:
@@ -137,13 +130,6 @@ def load_model(name: str, checkpoint: str | Mapping[str, torch.Tensor], *,
 
 # ----------------------------------------------------------------------------------------------------------
 # scoring
-
-
-def topk_correct(logits: torch.Tensor, target: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> list[int]:
-    """Samples whose target is among the top-k logits, for each k (k capped at the number of classes)."""
-    maxk = min(max(ks), logits.shape[1])
-    hit = logits.topk(maxk, dim=1).indices.eq(target.view(-1, 1))
-    return [int(hit[:, :min(k, maxk)].any(dim=1).sum()) for k in ks]
 
 
 @torch.inference_mode()
@@ -217,10 +203,12 @@ def resolve_settings(args: argparse.Namespace, data_info: Mapping[str, Any],
                      state: Mapping[str, torch.Tensor]) -> EvalSettings:
     """Command line > the export side file > the data's classes / the checkpoint's first conv / the model's
     pretrained config."""
-    side = export_info(args.checkpoint)
+    from train.export import read_side_file, side_file
+
+    side = read_side_file(args.checkpoint)
     if side and side["model"].split(".")[0] != args.model.split(".")[0]:
         raise UsageError(f"{args.checkpoint} holds {side['model']} weights (its export side file "
-                         f"{os.path.splitext(args.checkpoint)[0]}.json says so), not {args.model}: evaluate it with "
+                         f"{side_file(args.checkpoint)} says so), not {args.model}: evaluate it with "
                          f"--model {side['model']}")
     kwargs = dict(side.get("kwargs") or {})
     kwargs.update(json.loads(args.model_kwargs) if args.model_kwargs else {})
@@ -270,7 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--in-chans", type=int, default=None,
                    help="default: the export side file's, else the checkpoint's first conv")
     p.add_argument("--amp", choices=sorted(AMP_DTYPES), default=None)
-    p.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK if available, else cpu")
+    p.add_argument("--device", default=None,
+                   help="default: the accelerator's device LOCAL_RANK (cuda:N, ...) if there is one, else cpu")
     p.add_argument("--name", default=None, help="model name in the results row (default: --model)")
     p.add_argument("--results", default=None, help="append the row to this CSV (timm's results format)")
     return p
@@ -308,11 +297,13 @@ def run(args: argparse.Namespace) -> int:
         from train.distributed import init_distributed
 
         init_distributed()
+    accelerator = get_accelerator()
     if args.device:
         device = torch.device(args.device)
+    elif accelerator.device_name() != "cpu":
+        device = torch.device(accelerator.device_name(world.local_rank % accelerator.device_count()))
     else:
-        device = torch.device(f"cuda:{world.local_rank % torch.cuda.device_count()}" if torch.cuda.is_available()
-                              else "cpu")
+        device = torch.device("cpu")
     try:
         model = load_model(args.model, state, model_kwargs=settings.model_kwargs,
                            num_classes=settings.num_classes, in_chans=settings.in_chans,

@@ -368,9 +368,10 @@ def alpha_norms(model) -> tuple[list[np.ndarray], list[list[int]]]:
 
 
 def _load(args: argparse.Namespace, inference_mode: bool):
-    from pipelines.evaluate import export_info, load_model
+    from pipelines.evaluate import load_model
+    from train.export import read_side_file
 
-    side = export_info(args.checkpoint)
+    side = read_side_file(args.checkpoint)
     kwargs = dict(side.get("kwargs") or {})
     kwargs.update(json.loads(args.model_kwargs) if args.model_kwargs else {})
     try:

@@ -30,6 +30,8 @@ import sys
 import time
 import urllib.request
 
+from train.files import atomic_write
+
 DEBIAN_DIR = "/usr/share/datasets/fashion-mnist"
 DOWNLOAD_URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
 # idx files: name -> (magic number, number of items)
@@ -63,16 +65,14 @@ def fashion_mnist_source(cache_dir: str) -> str:
             continue
         print(f"[data] downloading {DOWNLOAD_URL}{name} (no dataset-fashion-mnist package: "
               f"`apt-get install dataset-fashion-mnist` avoids this)")
-        tmp = path + ".part"
-        try:
-            urllib.request.urlretrieve(DOWNLOAD_URL + name, tmp)
-        except OSError as exc:
-            raise SystemExit(f"could not download {name}: {exc}. Install the Debian package dataset-fashion-mnist "
-                             f"or put the four idx .gz files into {cache_dir}") from exc
-        if not idx_ok(tmp, *spec):
-            os.remove(tmp)
-            raise SystemExit(f"{DOWNLOAD_URL}{name} is not the Fashion-MNIST idx file it should be")
-        os.replace(tmp, path)
+        with atomic_write(path) as tmp:
+            try:
+                urllib.request.urlretrieve(DOWNLOAD_URL + name, tmp)
+            except OSError as exc:
+                raise SystemExit(f"could not download {name}: {exc}. Install the Debian package "
+                                 f"dataset-fashion-mnist or put the four idx .gz files into {cache_dir}") from exc
+            if not idx_ok(tmp, *spec):
+                raise SystemExit(f"{DOWNLOAD_URL}{name} is not the Fashion-MNIST idx file it should be")
     return cache_dir
 
 
@@ -113,16 +113,16 @@ def main(argv: list[str] | None = None) -> int:
                    help="also train the matching ConvNeXt on CPU (always done on a GPU), so that the plot compares")
     args = p.parse_args(argv)
 
-    import torch
+    from deepspeed.accelerator import get_accelerator
 
     from pipelines import compare
     from train.config import load_config
 
     cfg = load_config(args.config, [f"data.dir={args.data}", *args.overrides])
     py = sys.executable
-    peer = cfg.model.name.replace("mrconvnext_", "convnext_", 1)
+    peer = compare.peer_of(cfg.model.name) or cfg.model.name
     # On a GPU the peer costs little next to the MRConvNeXt; on 2 CPU cores it would break the 15-minute demo.
-    with_peer = (args.with_peer or torch.cuda.is_available()) and peer != cfg.model.name
+    with_peer = (args.with_peer or get_accelerator().device_name() != "cpu") and peer != cfg.model.name
     run_dir, data = args.run_dir, args.data
     peer_dir = os.path.join(run_dir, peer)
     weights = os.path.join(run_dir, "model.safetensors")

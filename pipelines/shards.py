@@ -35,6 +35,9 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from train.files import TMP_SUFFIX, atomic_write, atomic_write_text
+
+# The shard folder format this module writes; pipelines.data reads it by the same names.
 INFO_NAME = "_info.json"
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 # PIL format -> shard member extension (the keys timm's reader looks for: 'jpg;png;webp')
@@ -46,7 +49,6 @@ FASHION_MNIST_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "validation": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
-TMP_SUFFIX = ".tmp"
 
 
 @dataclass(frozen=True)
@@ -339,14 +341,14 @@ def _write_shard(task: tuple) -> tuple[int, int, list[tuple[str, str]]]:
         members.append((f"{item.key}.cls", str(item.label).encode("ascii")))
         members.append((f"{item.key}.{ext}", data))
     final = os.path.join(out, shard_name(split, index))
-    write_tar(final + TMP_SUFFIX, members)
-    os.replace(final + TMP_SUFFIX, final)
+    with atomic_write(final) as tmp:
+        write_tar(tmp, members)
     return index, len(members) // 2, skipped
 
 
 def _clean_stale(out: str, split: str, num_shards: int) -> None:
     """Remove this split's temporary files and shards beyond the plan (left by an earlier, larger plan)."""
-    pattern = re.compile(rf"^{re.escape(split)}-(\d{{6}})\.tar({re.escape(TMP_SUFFIX)})?$")
+    pattern = re.compile(rf"^{re.escape(split)}-(\d{{6}})\.tar({re.escape(TMP_SUFFIX)}\d*)?$")
     for name in os.listdir(out):
         match = pattern.match(name)
         if match and (match.group(2) or int(match.group(1)) >= num_shards):
@@ -409,11 +411,7 @@ def update_info(out: str, split: str, split_info: dict, classes: list[str]) -> s
         info["num_classes"] = len(classes)
         info.setdefault("splits", {})[split] = split_info
         info["splits"] = dict(sorted(info["splits"].items()))
-        tmp = path + TMP_SUFFIX
-        with open(tmp, "w") as f:
-            json.dump(info, f, indent=1)
-            f.write("\n")
-        os.replace(tmp, path)
+        atomic_write_text(path, json.dumps(info, indent=1) + "\n")
     finally:
         os.close(lock)
     return path

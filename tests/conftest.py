@@ -57,9 +57,8 @@ def shards(tmp_path_factory) -> str:
 
 
 def final_weights(run_dir) -> dict[str, torch.Tensor]:
-    from train.export import consolidated_state_dict
     ckpt_dir = ckpt.checkpoint_dir(str(run_dir))
-    return consolidated_state_dict(ckpt_dir, ckpt.latest_tag(ckpt_dir))
+    return ckpt.model_weights(ckpt_dir, ckpt.latest_tag(ckpt_dir))
 
 
 def assert_same_model(a: dict, b: dict) -> None:

@@ -55,7 +55,7 @@ def test_crafted_checkpoint_is_refused_by_export_and_evaluate(tmp_path, capsys):
     tag_dir.mkdir(parents=True)
     (tag_dir / ckpt.META).write_text(json.dumps({"step": 1, "config": to_dict(load_config("fashion_mnist"))}))
     (tag_dir.parent / ckpt.LATEST).write_text(ckpt.tag_for(1))
-    crafted = tag_dir / "mp_rank_00_model_states.pt"
+    crafted = ckpt.model_states_file(str(tag_dir.parent), ckpt.tag_for(1))
     torch.save({"module": _Payload(marker)}, crafted)
 
     assert export_main([str(tmp_path / "run"), str(tmp_path / "m.safetensors")]) == 2

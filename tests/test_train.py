@@ -3,13 +3,11 @@ real WebDataset shards (the `shards` fixture of conftest.py: a slice of the pack
 TensorBoard event files. Runs share one shard folder and keep to a few optimizer steps on a small model at 32px."""
 from __future__ import annotations
 
-import glob
 import json
 import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +19,7 @@ import torch
 from tests.conftest import VAL_SAMPLES, assert_same_model, final_weights
 from train import checkpoint as ckpt
 from train.config import ConfigError, load_config, plan_batches
+from train.distributed import free_port
 from train.logger import TENSORBOARD_SUBDIR
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -31,18 +30,12 @@ SMALL = ["data.batch_size=16", "data.num_workers=0", "schedule.epochs=2", "sched
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(run_dir, data, *sets, launcher="torchrun", nproc=2, config="fashion_mnist", wait=True, timeout=300,
            prefix=()):
     args = ["--config", config, "--run-dir", str(run_dir)]
     for s in [f"data.dir={data}", *SMALL, *sets]:
         args += ["--set", s]
-    port = str(_free_port())
+    port = str(free_port())
     if launcher == "torchrun":
         cmd = [os.path.join(BIN, "torchrun"), "--nproc_per_node", str(nproc), "--master_port", port, "-m", "train"]
     elif launcher == "deepspeed":
@@ -228,8 +221,7 @@ def test_kill_and_term_to_everything_resume_exactly(shards, tmp_path):
     a, b = final_weights(straight), final_weights(broken)
     assert a.keys() == b.keys()
     assert_same_model(a, b)
-    ema_a = ckpt.safe_load(glob.glob(f"{straight}/checkpoints/*/mp_rank_00_model_states.pt")[0])["ema"]
-    ema_b = ckpt.safe_load(glob.glob(f"{broken}/checkpoints/*/mp_rank_00_model_states.pt")[0])["ema"]
+    ema_a, ema_b = (ckpt.ema_weights(d, ckpt.latest_tag(d)) for d in map(ckpt.checkpoint_dir, (straight, broken)))
     assert_same_model(ema_a, ema_b)
 
 
@@ -265,7 +257,7 @@ def test_truncated_newest_checkpoint_falls_back_to_the_previous(zero0_run, shard
     shutil.copytree(zero0_run[0], run_dir)
     ckpt_dir = ckpt.checkpoint_dir(str(run_dir))
     assert ckpt.complete_tags(ckpt_dir) == [ckpt.tag_for(12), ckpt.tag_for(16)]
-    newest = os.path.join(ckpt_dir, ckpt.tag_for(16), "mp_rank_00_model_states.pt")
+    newest = ckpt.model_states_file(ckpt_dir, ckpt.tag_for(16))
     with open(newest, "r+b") as f:  # a copy cut short
         f.truncate(os.path.getsize(newest) // 2)
     out = ok(launch(run_dir, shards, *ZERO0_SETS))
@@ -288,7 +280,7 @@ class _Payload:
 def test_crafted_checkpoint_is_refused_on_resume(zero0_run, shards, tmp_path):
     run_dir, marker = tmp_path / "run", tmp_path / "pwned"
     shutil.copytree(zero0_run[0], run_dir)
-    crafted = os.path.join(ckpt.checkpoint_dir(str(run_dir)), ckpt.tag_for(16), "mp_rank_00_model_states.pt")
+    crafted = ckpt.model_states_file(ckpt.checkpoint_dir(str(run_dir)), ckpt.tag_for(16))
     torch.save({"module": _Payload(marker)}, crafted)
     proc = launch(run_dir, shards, *ZERO0_SETS, launcher="python")
     assert proc.returncode == 2, proc.stdout[-4000:]

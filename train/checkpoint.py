@@ -28,12 +28,16 @@ import torch
 import torch.distributed as dist
 
 from train.config import ConfigError, TrainConfig, config_diff, fingerprint, to_dict
+from train.files import atomic_write_text
 
 _log = logging.getLogger("train")
 
 LATEST = "latest"
 META = "meta.json"
 TAG_PREFIX = "step_"
+# DeepSpeed's file of a tag that holds the module (the whole model under ZeRO 0) and our client state.
+MODEL_STATES = "mp_rank_00_model_states.pt"
+EMA_KEY = "ema"  # the client state's EMA weights
 
 
 def checkpoint_dir(run_dir: str) -> str:
@@ -123,6 +127,28 @@ def check_files(paths: list[str]) -> list[tuple[str, str]]:
     return bad
 
 
+def model_states_file(ckpt_dir: str, tag: str) -> str:
+    return os.path.join(ckpt_dir, tag, MODEL_STATES)
+
+
+def ema_weights(ckpt_dir: str, tag: str) -> Optional[dict[str, torch.Tensor]]:
+    """The EMA weights of a tag as saved, None when the run kept no EMA."""
+    return safe_load(model_states_file(ckpt_dir, tag)).get(EMA_KEY)
+
+
+def model_weights(ckpt_dir: str, tag: str) -> dict[str, torch.Tensor]:
+    """fp32 weights and buffers of a tag's model: the ZeRO partitions merged, or under ZeRO 0 the module itself."""
+    if glob.glob(os.path.join(ckpt_dir, tag, "*zero_pp_rank_*optim_states.pt")):
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        return dict(get_fp32_state_dict_from_zero_checkpoint(ckpt_dir, tag=tag))
+    return to_fp32(safe_load(model_states_file(ckpt_dir, tag))["module"])
+
+
+def to_fp32(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+
+
 def tag_files(ckpt_dir: str, tag: str) -> list[str]:
     return sorted(glob.glob(os.path.join(ckpt_dir, tag, "*.pt")))
 
@@ -192,7 +218,7 @@ def save(engine, run_dir: str, cfg: TrainConfig, *, step: int, epoch: int, batch
     rank, world = dist.get_rank(), dist.get_world_size()
     # Per-rank RNG states: each rank saves its own into its own file, since client_state is written by rank 0 only.
     client_state = {
-        "epoch": epoch, "step": step, "batch_in_epoch": batch_in_epoch, "ema": ema_state,
+        "epoch": epoch, "step": step, "batch_in_epoch": batch_in_epoch, EMA_KEY: ema_state,
         "fingerprint": fingerprint(cfg), "model_name": cfg.model.name, "config": to_dict(cfg),
     }
     engine.save_checkpoint(ckpt_dir, tag=tag, client_state=client_state, save_latest=False)
@@ -202,8 +228,8 @@ def save(engine, run_dir: str, cfg: TrainConfig, *, step: int, epoch: int, batch
         meta = {"tag": tag, "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "world_size": world,
                 "model_name": cfg.model.name, "model_kwargs": cfg.model.kwargs, "fingerprint": fingerprint(cfg),
                 "config": to_dict(cfg)}
-        _atomic_write(os.path.join(ckpt_dir, tag, META), json.dumps(meta, indent=1, default=str))
-        _atomic_write(os.path.join(ckpt_dir, LATEST), tag)
+        atomic_write_text(os.path.join(ckpt_dir, tag, META), json.dumps(meta, indent=1, default=str))
+        atomic_write_text(os.path.join(ckpt_dir, LATEST), tag)
     dist.barrier()
     if rank == 0:
         prune(ckpt_dir, keep)
@@ -233,15 +259,6 @@ def prune(ckpt_dir: str, keep: int) -> None:
     for t in tags:
         if t not in keep_set and t <= current:
             shutil.rmtree(os.path.join(ckpt_dir, t), ignore_errors=True)
-
-
-def _atomic_write(path: str, text: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def ema_state_dict(ema: Any) -> Optional[dict]:

@@ -18,6 +18,8 @@ from typing import Any, Optional
 
 import yaml
 
+from train.files import atomic_write_text
+
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 
 
@@ -422,7 +424,4 @@ def config_diff(saved: dict, current: dict) -> list[str]:
 
 
 def write_config(cfg: TrainConfig, path: str) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
-    os.replace(tmp, path)
+    atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 from dataclasses import dataclass
 from typing import Mapping
 
-__all__ = ["WorldInfo", "first_host", "master_port_for_job", "world_info_from_env", "init_distributed"]
+__all__ = ["WorldInfo", "first_host", "master_port_for_job", "free_port", "world_info_from_env", "init_distributed"]
 
 DEFAULT_MASTER_ADDR = "127.0.0.1"
 DEFAULT_MASTER_PORT = 29500
@@ -62,6 +63,13 @@ def first_host(nodelist: str) -> str:
 def master_port_for_job(job_id: int) -> int:
     """A port every task of a job derives alike, different for jobs that may share a node."""
     return SLURM_PORT_BASE + job_id % SLURM_PORT_RANGE
+
+
+def free_port() -> int:
+    """A TCP port free on this host now, for a local launcher's MASTER_PORT."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _int(env: Mapping[str, str], key: str) -> int:
@@ -136,7 +144,7 @@ def init_distributed(backend: str | None = None) -> WorldInfo:
     if _initialized is not None:
         return _initialized
     import deepspeed
-    import torch
+    from deepspeed.accelerator import get_accelerator
 
     info = world_info_from_env()
     if not 0 <= info.rank < info.world_size:
@@ -148,12 +156,15 @@ def init_distributed(backend: str | None = None) -> WorldInfo:
         MASTER_ADDR=info.master_addr,
         MASTER_PORT=str(info.master_port),
     )
-    cuda = torch.cuda.is_available()
-    if cuda:
-        # Before the process group: NCCL binds each rank to the current device. The modulo covers clusters
-        # that bind one GPU per task (each task then sees device 0 only).
-        torch.cuda.set_device(info.local_rank % torch.cuda.device_count())
-    deepspeed.init_distributed(dist_backend=backend or ("nccl" if cuda else "gloo"),
+    accelerator = get_accelerator()
+    # DeepSpeed's CPU accelerator names oneCCL when its bindings are installed; CPU ranks keep gloo.
+    on_device = accelerator.device_name() != "cpu"
+    if on_device:
+        # Before the process group: NCCL (and its kin) binds each rank to the current device. The modulo covers
+        # clusters that bind one device per task (each task then sees device 0 only).
+        accelerator.set_device(info.local_rank % accelerator.device_count())
+    deepspeed.init_distributed(dist_backend=backend or (accelerator.communication_backend_name() if on_device
+                                                        else "gloo"),
                                auto_mpi_discovery=False, verbose=False)
     _initialized = info
     return info

@@ -11,6 +11,8 @@ from train.config import BatchPlan, TrainConfig
 
 # DeepSpeed prints a line every `steps_per_print` steps; the trainer logs itself.
 _QUIET_STEPS = 10**9
+# torch.autocast dtypes by the names the configs and the tools' --amp take.
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def deepspeed_config(cfg: TrainConfig, plan: BatchPlan) -> dict:
@@ -32,7 +34,7 @@ def deepspeed_config(cfg: TrainConfig, plan: BatchPlan) -> dict:
 
 
 def autocast_dtype(cfg: TrainConfig) -> Optional[torch.dtype]:
-    return torch.bfloat16 if cfg.deepspeed.precision == "bf16" else None
+    return AMP_DTYPES.get(cfg.deepspeed.precision)
 
 
 def create_engine(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ds_config: dict):

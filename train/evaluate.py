@@ -10,8 +10,14 @@ import torch
 import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 
-from pipelines.evaluate import topk_correct
 from train import signals
+
+
+def topk_correct(logits: torch.Tensor, target: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> list[int]:
+    """Samples whose target is among the top-k logits, for each k (k capped at the number of classes)."""
+    maxk = min(max(ks), logits.shape[1])
+    hit = logits.topk(maxk, dim=1).indices.eq(target.view(-1, 1))
+    return [int(hit[:, :min(k, maxk)].any(dim=1).sum()) for k in ks]
 
 
 def summed_counts(now: Mapping[str, int], before: Mapping[str, int]) -> dict[str, int]:

@@ -8,7 +8,6 @@ num_classes, in_chans and the exact ``timm.create_model`` call that loads it).
 from __future__ import annotations
 
 import argparse
-import glob
 import inspect
 import json
 import os
@@ -17,7 +16,6 @@ from typing import Optional
 
 import timm
 import torch
-from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 from safetensors.torch import save_file
 from timm.utils import reparameterize_model
 
@@ -25,6 +23,7 @@ import models  # noqa: F401  (registers mrconvnext_* in timm)
 from pipelines.data import create_eval_loader
 from train import checkpoint as ckpt
 from train.config import TrainConfig, from_dict
+from train.files import atomic_write, atomic_write_text
 
 MAX_REL_DIFF = 1e-4
 
@@ -37,17 +36,12 @@ def consolidated_state_dict(ckpt_dir: str, tag: str, ema: bool = False) -> dict[
     if bad:
         raise ckpt.CheckpointError(f"checkpoint file {bad[0][0]} cannot be read ({bad[0][1]}); export another "
                                    f"tag with --tag (complete tags: {', '.join(ckpt.complete_tags(ckpt_dir))})")
-    model_states = os.path.join(ckpt_dir, tag, "mp_rank_00_model_states.pt")
-    if ema:
-        state = ckpt.safe_load(model_states).get("ema")
-        if state is None:
-            raise SystemExit(f"{tag} holds no EMA weights (ema.enabled was false)")
-        return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
-    if glob.glob(os.path.join(ckpt_dir, tag, "*zero_pp_rank_*optim_states.pt")):
-        return dict(get_fp32_state_dict_from_zero_checkpoint(ckpt_dir, tag=tag))
-    # ZeRO stage 0: the engine's module state is the full fp32 model.
-    module = ckpt.safe_load(model_states)["module"]
-    return {k: v.float() if v.is_floating_point() else v for k, v in module.items()}
+    if not ema:
+        return ckpt.model_weights(ckpt_dir, tag)
+    state = ckpt.ema_weights(ckpt_dir, tag)
+    if state is None:
+        raise SystemExit(f"{tag} holds no EMA weights (ema.enabled was false)")
+    return ckpt.to_fp32(state)
 
 
 def check_images(cfg: TrainConfig, data_dir: Optional[str], split: str, n: int) -> tuple[torch.Tensor, str]:
@@ -77,12 +71,26 @@ def load_call(name: str, out: str, num_classes: int, in_chans: int, img_size: in
             f"input_size=({in_chans}, {img_size}, {img_size})))")
 
 
+def side_file(weights: str) -> str:
+    """The JSON that export writes beside an exported weights file: what they are and how to load them."""
+    return os.path.splitext(weights)[0] + ".json"
+
+
+def read_side_file(weights: str) -> dict:
+    """The side file of ``weights``, ``{}`` when there is none (weights that export did not write)."""
+    path = side_file(weights)
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        info = json.load(f)
+    return info if isinstance(info, dict) and "model" in info else {}
+
+
 def save_atomic(state: dict[str, torch.Tensor], path: str, metadata: dict[str, str]) -> None:
     """Write safetensors under a temporary name, then rename: a crash never leaves a half-written file at ``path``."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    save_file({k: v.detach().contiguous() for k, v in state.items()}, tmp, metadata=metadata)
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:
+        save_file({k: v.detach().contiguous() for k, v in state.items()}, tmp, metadata=metadata)
 
 
 def export(run_dir: str, out: str, data_dir: Optional[str] = None, split: str = "validation", ema: bool = False,
@@ -118,14 +126,13 @@ def export(run_dir: str, out: str, data_dir: Optional[str] = None, split: str = 
             "interpolation": cfg.data.interpolation, "crop_pct": cfg.data.crop_pct, "inference_mode": has_fused_form,
             "checkpoint": os.path.join(ckpt_dir, tag), "ema": ema, "step": meta["step"],
             "fold_check": {"max_rel_diff": rel, "inputs": source}, "load": call}
-    with open(os.path.splitext(out)[0] + ".json", "w") as f:
-        json.dump(info, f, indent=1)
+    atomic_write_text(side_file(out), json.dumps(info, indent=1))
     params = sum(v.numel() for v in model.parameters())
     fused_params = sum(v.numel() for v in fused.parameters())
     print(f"exported {m.name} ({'EMA' if ema else 'model'} weights) from {ckpt_dir}/{tag} (step {meta['step']})\n"
           f"  parameters: {params:,} training form -> {fused_params:,} fused\n"
           f"  fold check: max rel diff {rel:.2e} (limit {MAX_REL_DIFF:g}) on {source}\n"
-          f"  wrote {out} and {os.path.splitext(out)[0] + '.json'}"
+          f"  wrote {out} and {side_file(out)}"
           f"{f' and the training form to {unfused_out}' if unfused_out else ''}\n"
           f"  load with: {call}")
     return info

@@ -144,7 +144,7 @@ def run(cfg: TrainConfig, run_dir: str) -> int:
         state = ckpt.load(engine, run_dir, tag)
         pos = Position(state["step"], state["epoch"], state["batch_in_epoch"])
         if ema is not None:
-            ema.module.load_state_dict(state["ema"])
+            ema.module.load_state_dict(state[ckpt.EMA_KEY])
         rng_after_skip = state["rng"]
         scheduler.step_update(num_updates=pos.step)
         log.info(f"resumed from {os.path.join(ckpt_dir, tag)}: epoch {pos.epoch}, step {pos.step}, "

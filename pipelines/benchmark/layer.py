@@ -15,6 +15,7 @@ import copy
 
 import torch
 import torch.nn as nn
+from deepspeed.accelerator import get_accelerator
 
 from models import MRConv
 from models.mrconv import CONV_IMPLS
@@ -36,7 +37,7 @@ def main(argv: list[str]) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--kernel-type", default="fourier_sparse")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default=get_accelerator().device_name())
     parser.add_argument("--train", action="store_true", help="time forward + backward in train mode")
     parser.add_argument("--conv-impl", default="auto", choices=CONV_IMPLS,
                         help="MRConv conv_impl of the timed layer (the 'fused' and 'training' columns)")

@@ -85,6 +85,7 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
 
     import torch
+    from deepspeed.accelerator import get_accelerator
     from torchvision.datasets import ImageFolder
 
     with tempfile.TemporaryDirectory(dir=args.dir) as work:
@@ -106,7 +107,7 @@ def main(argv: list[str]) -> int:
         folder = torch.utils.data.DataLoader(ImageFolder(src, transform=transform), batch_size=args.batch_size,
                                              shuffle=True, drop_last=True, num_workers=args.workers)
         loaders = {"shards (ours)": ours, "ImageFolder": folder}
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = torch.device(get_accelerator().device_name())
         if args.decode == "gpu":
             loaders["shards, gpu decode"] = data.create_train_loader(
                 out, batch_size=args.batch_size, img_size=args.img_size, num_classes=CLASSES,

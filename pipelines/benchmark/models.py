@@ -28,6 +28,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from deepspeed.accelerator import get_accelerator
+
+from train.engine import AMP_DTYPES
 
 from .timing import device_name, interleaved, machine_description, peak_memory_gib, tensor_bytes
 
@@ -36,7 +39,6 @@ INFER_COLUMNS = ("model", "infer_img_size", "infer_samples_per_sec", "infer_step
                  "param_count", "infer_gmacs", "infer_macts", "infer_peak_mem_gib")
 TRAIN_COLUMNS = ("train_samples_per_sec", "train_step_time", "train_peak_mem_gib")
 FORMS = ("fused", "unfused")
-AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -315,7 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="NAME:KEY=VALUE: to model NAME; KEY=VALUE: to every MRConv model (not to timm peers); "
                         "values parsed as YAML, e.g. img_size=64 mrconvnext_tiny:conv_impl=fft")
     p.add_argument("--train", action="store_true", help="also time a training step (forward, backward, SGD)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default=get_accelerator().device_name())
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--warmup", type=int, default=5, help="warm-up calls per model")
     p.add_argument("--iters", type=int, default=10, help="timed calls per model and round")

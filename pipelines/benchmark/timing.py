@@ -8,11 +8,18 @@ import time
 from collections.abc import Callable
 
 import torch
+from deepspeed.accelerator import get_accelerator
+
+
+def accelerated(device: torch.device) -> bool:
+    """Whether ``device`` is the machine's accelerator (a GPU, XPU, ...), which runs asynchronously and keeps
+    allocator statistics; the CPU does neither."""
+    return device.type != "cpu" and device.type == get_accelerator().device_name()
 
 
 def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    if accelerated(device):
+        get_accelerator().synchronize(device.index)
 
 
 def interleaved(fns: dict[str, Callable[[], object]], *, device: torch.device, warmup: int = 3, iters: int = 10,
@@ -34,17 +41,18 @@ def interleaved(fns: dict[str, Callable[[], object]], *, device: torch.device, w
 
 
 def peak_memory_gib(fn: Callable[[], object], device: torch.device, resident_bytes: int) -> float | None:
-    """GiB a call of ``fn`` needs on a CUDA device: ``resident_bytes`` (its model's own tensors) plus the peak it
+    """GiB a call of ``fn`` needs on an accelerator: ``resident_bytes`` (its model's own tensors) plus the peak it
     allocates above what was allocated before it, so models resident side by side do not count each other.
     None on other devices (no allocator statistics)."""
-    if device.type != "cuda":
+    if not accelerated(device):
         return None
+    accelerator = get_accelerator()
     synchronize(device)
-    before = torch.cuda.memory_allocated(device)
-    torch.cuda.reset_peak_memory_stats(device)
+    before = accelerator.memory_allocated(device.index)
+    accelerator.reset_peak_memory_stats(device.index)
     fn()
     synchronize(device)
-    return (resident_bytes + torch.cuda.max_memory_allocated(device) - before) / 2**30
+    return (resident_bytes + accelerator.max_memory_allocated(device.index) - before) / 2**30
 
 
 def tensor_bytes(tensors) -> int:
@@ -53,11 +61,12 @@ def tensor_bytes(tensors) -> int:
 
 def device_name(device: torch.device) -> str:
     """What ran the benchmark, in a word or two: the GPU's name, or 'CPU'."""
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    # DeepSpeed's accelerator does not name its device; torch's module for the device type does.
+    return torch.get_device_module(device.type).get_device_name(device) if accelerated(device) else "CPU"
 
 
 def machine_description(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
+    if accelerated(device):
+        return f"{device_name(device)}, torch {torch.__version__}"
     return (f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads, "
             f"torch {torch.__version__}")

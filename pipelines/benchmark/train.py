@@ -11,24 +11,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
 from typing import Optional
 
+from pipelines.compare import peer_of
+from train.distributed import free_port
+
 RESULT_PREFIX = "BENCH_RESULT "
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def peer_of(name: str) -> Optional[str]:
-    """The ConvNeXt that an MRConvNeXt replaces the 7x7 depthwise conv of (same depths and dims)."""
-    return name.replace("mrconvnext_", "convnext_", 1) if name.startswith("mrconvnext_") else None
 
 
 def worker(args: argparse.Namespace) -> int:
@@ -84,7 +75,7 @@ def worker(args: argparse.Namespace) -> int:
 
 def measure(model: str, ranks: int, args: argparse.Namespace) -> dict:
     cmd = [os.path.join(os.path.dirname(sys.executable), "torchrun"), "--nproc_per_node", str(ranks),
-           "--master_port", str(_free_port()), "-m", "pipelines.benchmark.train", "--worker", "--model", model]
+           "--master_port", str(free_port()), "-m", "pipelines.benchmark.train", "--worker", "--model", model]
     for key in ("batch_size", "img_size", "steps", "warmup", "zero_stage", "precision", "num_classes"):
         cmd += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), PYTHONWARNINGS="ignore")
