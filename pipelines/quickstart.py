@@ -24,7 +24,6 @@ import gzip
 import json
 import os
 import shlex
-import shutil
 import subprocess
 import sys
 import time
