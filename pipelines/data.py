@@ -26,7 +26,6 @@ from __future__ import annotations
 import functools
 import io
 import itertools
-import json
 import logging
 import math
 import os
@@ -42,7 +41,7 @@ from timm.data.mixup import mixup_target
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipelines.decode import DeviceDecoder, DraftCropDecoder
-from pipelines.shards import FORMAT_EXT, INFO_NAME
+from pipelines.shards import FORMAT_EXT, INFO_NAME, read_folder_info
 
 _logger = logging.getLogger(__name__)
 
@@ -126,20 +125,15 @@ def check_readers(data_dir: str, split: str, num_shards: int, world_size: int, n
 
 def read_info(data_dir: str) -> dict:
     """The parsed ``_info.json`` of a shard folder."""
-    path = os.path.join(data_dir, INFO_NAME)
-    if not os.path.isfile(path):
-        raise DataError(
-            f"{path} not found: {data_dir} holds no shards written by pipelines.shards; create them with "
-            f"'python -m pipelines.shards imagefolder SRC {data_dir}' or "
-            f"'python -m pipelines.shards fashion-mnist SRC {data_dir}'")
     try:
-        with open(path) as f:
-            info = json.load(f)
-    except (OSError, ValueError) as exc:
-        raise DataError(f"{path} is unreadable ({exc}); re-run python -m pipelines.shards on {data_dir}") from None
-    if not isinstance(info, dict):
-        raise DataError(f"{path} is not a shard folder's _info.json; re-run python -m pipelines.shards on "
-                        f"{data_dir}")
+        info = read_folder_info(data_dir, fix=f"re-run python -m pipelines.shards on {data_dir}")
+    except ValueError as exc:
+        raise DataError(str(exc)) from None
+    if info is None:
+        raise DataError(
+            f"{os.path.join(data_dir, INFO_NAME)} not found: {data_dir} holds no shards written by pipelines.shards; "
+            f"create them with 'python -m pipelines.shards imagefolder SRC {data_dir}' or "
+            f"'python -m pipelines.shards fashion-mnist SRC {data_dir}'")
     return info
 
 

@@ -355,8 +355,9 @@ def _clean_stale(out: str, split: str, num_shards: int) -> None:
             os.remove(os.path.join(out, name))
 
 
-def read_folder_info(out: str) -> dict | None:
-    """``OUT/_info.json`` parsed, or None when the folder holds none yet."""
+def read_folder_info(out: str, fix: str = "write into another folder") -> dict | None:
+    """``OUT/_info.json`` parsed, or None when the folder holds none yet; ValueError ending with ``fix`` when
+    it is unreadable (the one reader of the format: the loaders use it too)."""
     path = os.path.join(out, INFO_NAME)
     if not os.path.isfile(path):
         return None
@@ -364,9 +365,9 @@ def read_folder_info(out: str) -> dict | None:
         with open(path) as f:
             info = json.load(f)
     except (OSError, ValueError) as exc:
-        raise ValueError(f"{path} is unreadable ({exc}); write into another folder") from None
+        raise ValueError(f"{path} is unreadable ({exc}); {fix}") from None
     if not isinstance(info, dict):
-        raise ValueError(f"{path} is not a shard folder's _info.json; write into another folder")
+        raise ValueError(f"{path} is not a shard folder's _info.json; {fix}")
     return info
 
 
