@@ -27,7 +27,7 @@ def require(ok: bool, reason: str) -> None:
         return
     if os.environ.get("CI"):
         pytest.fail(f"{reason} (CI is set: these tests must not be skipped)", pytrace=False)
-    pytest.skip(reason)
+    pytest.skip(reason, allow_module_level=True)
 
 
 def fashion_mnist_train() -> tuple[np.ndarray, np.ndarray]:
