@@ -195,47 +195,42 @@ def test_two_node_job_trains_and_leaves_checkpoint_and_tensorboard(uninterrupted
     assert len(acc.Scalars("val/top1")) == EPOCHS
 
 
-@pytest.mark.slow
-def test_signalled_job_checkpoints_requeues_and_resumes_exactly(slurm_env, shards, uninterrupted, tmp_path):
-    run_dir = tmp_path / "run"
+def stopped_requeued_and_resumed(slurm_env, shards, uninterrupted, run_dir, scancel_args: list[str],
+                                 signame: str) -> str:
+    """Signal a running job with ``scancel``; it must stop with a checkpoint mid-run, requeue itself, resume from
+    that checkpoint and finish with the uninterrupted run's weights. Returns the job's log."""
     job_id, log = submit_training(slurm_env, shards, run_dir)
     wait_for_checkpoint(slurm_env, job_id, run_dir, log)
-    # What SLURM does --signal-seconds before the time limit: USR1 to the batch script, which forwards it.
-    subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], env=slurm_env, check=True)
+    subprocess.run(["scancel", *scancel_args, job_id], env=slurm_env, check=True)
     info = wait_job(slurm_env, job_id, log)
     text = _read(log)
-    assert info["JobState"] == "COMPLETED", text
-    assert info["Restarts"] == "1", text
-    assert "USR1: asking the tasks to checkpoint" in text and f"requeued job {job_id}" in text, text
-    stopped = int(re.search(r"stop requested \(SIGUSR1 [\d.]+ s ago\): checkpoint at step (\d+) saved, exiting "
-                            r"with 3", text).group(1))
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", text
+    stopped = int(re.search(rf"stop requested \({signame} [\d.]+ s ago\): checkpoint at step (\d+) saved, "
+                            r"exiting with 3", text).group(1))
     assert CKPT_EVERY <= stopped < TOTAL_STEPS, "stopped mid-run"
-    assert "attempt 2:" in text, text
+    assert f"requeued job {job_id}" in text, text
     assert f"resumed from {ckpt.checkpoint_dir(str(run_dir))}/{ckpt.tag_for(stopped)}: " in text, text
     assert text.rstrip().endswith("finished")
     assert json.loads((run_dir / "summary.json").read_text())["step"] == TOTAL_STEPS
     assert_same_model(final_weights(uninterrupted[0]), final_weights(run_dir))
+    return text
+
+
+@pytest.mark.slow
+def test_signalled_job_checkpoints_requeues_and_resumes_exactly(slurm_env, shards, uninterrupted, tmp_path):
+    # What SLURM does --signal-seconds before the time limit: USR1 to the batch script, which forwards it.
+    text = stopped_requeued_and_resumed(slurm_env, shards, uninterrupted, tmp_path / "run",
+                                        ["--signal=USR1", "--batch"], "SIGUSR1")
+    assert "USR1: asking the tasks to checkpoint" in text and "attempt 2:" in text, text
 
 
 @pytest.mark.slow
 def test_term_to_every_task_checkpoints_requeues_and_resumes_exactly(slurm_env, shards, uninterrupted, tmp_path):
     """`scancel --signal=TERM`: SIGTERM to every process of the job's steps at once, each rank's data worker
     included (what a pre-emption's GraceTime sends to the tasks). Every rank saves the same step and exits 3."""
-    run_dir = tmp_path / "run"
-    job_id, log = submit_training(slurm_env, shards, run_dir)
-    wait_for_checkpoint(slurm_env, job_id, run_dir, log)
-    subprocess.run(["scancel", "--signal=TERM", job_id], env=slurm_env, check=True)
-    info = wait_job(slurm_env, job_id, log)
-    text = _read(log)
-    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", text
+    text = stopped_requeued_and_resumed(slurm_env, shards, uninterrupted, tmp_path / "run", ["--signal=TERM"],
+                                        "SIGTERM")
     assert "DataLoader worker" not in text and "Traceback" not in text, text
-    stopped = int(re.search(r"stop requested \(SIGTERM [\d.]+ s ago\): checkpoint at step (\d+) saved, exiting "
-                            r"with 3", text).group(1))
-    assert CKPT_EVERY <= stopped < TOTAL_STEPS, "stopped mid-run"
-    assert f"requeued job {job_id}" in text, text
-    assert f"resumed from {ckpt.checkpoint_dir(str(run_dir))}/{ckpt.tag_for(stopped)}: " in text, text
-    assert text.rstrip().endswith("finished")
-    assert_same_model(final_weights(uninterrupted[0]), final_weights(run_dir))
 
 
 @pytest.mark.slow
