@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import csv
 import json
 import os
 import shlex
@@ -35,13 +34,12 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from pipelines.shards import INFO_NAME
+from pipelines import tables
+from pipelines.data.files import atomic_write_text
+from pipelines.data.shards import INFO_NAME
 from train.config import ConfigError, TrainConfig, load_config, write_config
-from train.files import atomic_write, atomic_write_text
 
 SUMMARY, WEIGHTS, UNFUSED, RESULTS = "summary.json", "model.safetensors", "model_unfused.safetensors", "results.csv"
-RESULTS_COLUMNS = ("model", "img_size", "top1", "top1_err", "top5", "top5_err", "param_count", "crop_pct",
-                   "interpolation")
 
 
 class CompareError(ValueError):
@@ -165,19 +163,6 @@ def bench_kwargs(cfg: TrainConfig, models: Sequence[str]) -> list[str]:
             for k, v in model_kwargs(name, cfg.model.kwargs).items() if k != "img_size"]
 
 
-def merge_csv(paths: Sequence[str], out: str, columns: Sequence[str]) -> list[dict]:
-    """The rows of ``paths`` in one CSV, written under a temporary name first."""
-    rows = []
-    for path in paths:
-        with open(path, newline="") as f:
-            rows.extend(csv.DictReader(f))
-    with atomic_write(out) as tmp, open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-    return rows
-
-
 def collect(cfg: TrainConfig, models: Sequence[str], out: str, data: str, num_classes: int, env: dict,
             args: argparse.Namespace) -> dict[str, str]:
     """Export, evaluate, benchmark (one run) and plot the finished runs; returns the paths written."""
@@ -189,7 +174,7 @@ def collect(cfg: TrainConfig, models: Sequence[str], out: str, data: str, num_cl
         print(f"note: not finished, left out: {', '.join(missing)}")
     per_model = [export_and_evaluate(n, os.path.join(out, n), data, env) for n in done]
     results = os.path.join(out, RESULTS)
-    merge_csv(per_model, results, RESULTS_COLUMNS)
+    tables.merge(per_model, results, tables.RESULTS_COLUMNS)
 
     bench = os.path.join(out, "bench.csv")
     img_size = cfg.model.kwargs.get("img_size", cfg.data.img_size)
@@ -283,7 +268,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg.data.dir = os.path.abspath(cfg.data.dir)
         data = cfg.data.dir
         if not os.path.exists(os.path.join(data, INFO_NAME)):
-            raise CompareError(f"no shards in {data} (write them with python -m pipelines.shards, or pass --data)")
+            raise CompareError(f"no shards in {data} (write them with python -m pipelines.data.shards, or pass --data)")
         out = os.path.abspath(args.out or os.path.join("runs", "compare", Path(args.config).stem))
         recipes = write_configs(cfg, models, out)
         if args.slurm:

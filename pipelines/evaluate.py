@@ -17,25 +17,21 @@ another model or form, a file that is not a plain state dict) ends with one line
 from __future__ import annotations
 
 import argparse
-import contextlib
-import csv
 import json
 import os
 import pickle
 import re
 import sys
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping
+from typing import Any, Mapping
 
 import torch
 from deepspeed.accelerator import get_accelerator
 
+from pipelines import tables
 from train.engine import AMP_DTYPES
-from train.evaluate import topk_correct
+from train.evaluate import evaluate
 
-# timm's results-imagenet.csv columns, in its order.
-RESULTS_COLUMNS = ("model", "img_size", "top1", "top1_err", "top5", "top5_err", "param_count", "crop_pct",
-                   "interpolation")
 STATE_DICT_KEYS = ("state_dict", "model", "module")
 
 
@@ -129,25 +125,7 @@ def load_model(name: str, checkpoint: str | Mapping[str, torch.Tensor], *,
 
 
 # ----------------------------------------------------------------------------------------------------------
-# scoring
-
-
-@torch.inference_mode()
-def score(model: torch.nn.Module, loader: Iterable, device: torch.device, *, amp: str | None = None,
-          progress: bool = False, total: int | None = None) -> torch.Tensor:
-    """(top-1 correct, top-5 correct, samples) of this process as a float64 tensor on ``device``."""
-    from tqdm import tqdm
-
-    autocast = (torch.autocast(device_type=device.type, dtype=AMP_DTYPES[amp]) if amp
-                else contextlib.nullcontext())
-    counts = torch.zeros(3, dtype=torch.float64, device=device)
-    for images, target in tqdm(loader, total=total, disable=not progress, desc="eval", unit="batch"):
-        images, target = images.to(device), target.to(device)
-        with autocast:
-            logits = model(images)
-        c1, c5 = topk_correct(logits.float(), target)
-        counts += torch.tensor([c1, c5, target.numel()], dtype=torch.float64, device=device)
-    return counts
+# the results row
 
 
 def results_row(model: str, img_size: int, correct1: float, correct5: float, count: int, param_count: int,
@@ -159,22 +137,6 @@ def results_row(model: str, img_size: int, correct1: float, correct5: float, cou
     return {"model": model, "img_size": img_size, "top1": f"{top1:.3f}", "top1_err": f"{100 - top1:.3f}",
             "top5": f"{top5:.3f}", "top5_err": f"{100 - top5:.3f}", "param_count": f"{param_count / 1e6:.2f}",
             "crop_pct": f"{crop_pct:.3f}", "interpolation": interpolation}
-
-
-def append_csv(path: str, columns: tuple[str, ...], rows: list[Mapping[str, Any]]) -> None:
-    """Append rows; the header is written only when the file is new or empty, and must match otherwise."""
-    exists = os.path.isfile(path) and os.path.getsize(path) > 0
-    if exists:
-        with open(path, newline="") as f:
-            header = next(csv.reader(f), [])
-        if tuple(header) != tuple(columns):
-            raise ValueError(f"{path} has columns {header}, not {list(columns)}: write to another file")
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(columns))
-        if not exists:
-            writer.writeheader()
-        writer.writerows(rows)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -242,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="timm model name")
     p.add_argument("--checkpoint", required=True, help=".safetensors, .pth or .pt")
-    p.add_argument("--data", required=True, help="shard folder written by python -m pipelines.shards")
+    p.add_argument("--data", required=True, help="shard folder written by python -m pipelines.data.shards")
     p.add_argument("--split", default="validation")
     p.add_argument("--reparam", action="store_true", help="fold a training-form model before evaluating")
     p.add_argument("--inference-mode", action="store_true", help="build the fused form (fused checkpoint)")
@@ -275,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipelines.data import DataError, create_eval_loader, read_info
+    from pipelines.data.loader import DataError, create_eval_loader, read_info
     from train.config import ConfigError, check_model_name
     from train.distributed import world_info_from_env
 
@@ -326,19 +288,17 @@ def run(args: argparse.Namespace) -> int:
                                     interpolation=settings.interpolation, mean=settings.mean, std=settings.std)
     except DataError as exc:
         raise UsageError(str(exc)) from None
-    counts = score(model, loader, device, amp=args.amp, progress=world.is_main, total=len(loader))
-    if world.world_size > 1:
-        import torch.distributed as dist
-
-        dist.all_reduce(counts, op=dist.ReduceOp.SUM)
-    c1, c5, n = (float(v) for v in counts.tolist())
+    metrics = evaluate(model, loader, AMP_DTYPES[args.amp] if args.amp else None, device=device,
+                       progress=world.is_main, total=len(loader))
+    n = metrics["count"]
+    c1, c5 = round(metrics["top1"] * n), round(metrics["top5"] * n)  # exact: the fractions of integer counts
     if not world.is_main:
         return 0
     expected = int(info["splits"][args.split]["num_samples"])
     row = results_row(args.name or args.model, settings.img_size, c1, c5, int(n), param_count, settings.crop_pct,
                       settings.interpolation)
     if args.results:
-        append_csv(args.results, RESULTS_COLUMNS, [row])
+        tables.append_rows(args.results, tables.RESULTS_COLUMNS, [row])
     form = "fused" if args.reparam or settings.inference_mode else "as loaded"
     missing = "" if int(n) == expected else f" (split lists {expected}; {expected - int(n)} skipped as corrupt)"
     print(f"summary: {row['model']} ({form}, {row['param_count']}M params) on {args.data} {args.split}: "

@@ -24,12 +24,11 @@ The figure functions take plain data and return a ``Figure`` (tests call them di
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import re
 import sys
 from dataclasses import dataclass
-from typing import Iterable, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import matplotlib
 
@@ -38,6 +37,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter  # noqa: E402
+
+from pipelines import tables  # noqa: E402
 
 # Size words of timm's model names (convnext_tiny, vit_base_patch16_224, mrconvnext_atto, ...).
 SIZE_WORDS = {"atto", "femto", "pico", "nano", "tiny", "small", "medium", "base", "large", "xlarge", "xxlarge",
@@ -80,14 +81,6 @@ class Point:
     bench_model: str  # the benchmark row it came from
     unfused_throughput: float | None = None  # the same model's training form, when it was benchmarked too
     reference: bool = False  # from published CSVs (--reference-results), drawn in grey
-
-
-def read_csvs(paths: Iterable[str]) -> list[dict[str, str]]:
-    rows: list[dict[str, str]] = []
-    for path in paths:
-        with open(path, newline="") as f:
-            rows.extend(csv.DictReader(f))
-    return rows
 
 
 def _float(value: str | None) -> float | None:
@@ -279,10 +272,8 @@ def bench_caption(paths: Sequence[str]) -> str:
     ``pipelines.benchmark models``): e.g. ``NVIDIA H200, torch 2.11: batch 256, 64px, bf16, channels_last``."""
     parts = []
     for path in paths:
-        try:
-            with open(path + ".json") as f:
-                side = json.load(f)
-        except (OSError, ValueError):
+        side = tables.read_side(path)
+        if side is None:
             parts.append(f"{path}: device and settings not recorded (no {path}.json)")
             continue
         st = side.get("settings", {})
@@ -422,10 +413,10 @@ def main_accuracy(argv: list[str]) -> int:
     if bool(args.reference_results) != bool(args.reference_bench):
         raise SystemExit("error: --reference-results and --reference-bench go together")
     try:
-        bench = read_csvs(args.bench)
-        points, notes = join(read_csvs(args.results), bench)
+        bench = tables.read_rows(args.bench)
+        points, notes = join(tables.read_rows(args.results), bench)
         if args.reference_results:
-            extra, ref_notes = join(read_csvs(args.reference_results), read_csvs(args.reference_bench),
+            extra, ref_notes = join(tables.read_rows(args.reference_results), tables.read_rows(args.reference_bench),
                                     reference=True)
             points += extra
             notes += [f"reference: {n}" for n in ref_notes]

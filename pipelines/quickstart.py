@@ -4,7 +4,7 @@ Every step is one of the repository's own commands, printed before it runs, so t
 tutorial; the same commands scale to ImageNet (see the README):
 
   1. data      Fashion-MNIST idx files (Debian's dataset-fashion-mnist, else the official download)
-               -> WebDataset shards                                  python -m pipelines.shards fashion-mnist
+               -> WebDataset shards                                  python -m pipelines.data.shards fashion-mnist
   2. train     a small MRConvNeXt with DeepSpeed on 2 local ranks    torchrun -m train --config fashion_mnist
                and its ConvNeXt peer, same recipe: on a GPU always, on CPU with --with-peer (its training
                takes about 0.7x the MRConvNeXt's there)
@@ -19,7 +19,6 @@ than one pair (e.g. femto and pico of both families) see ``python -m pipelines.c
 from __future__ import annotations
 
 import argparse
-import csv
 import gzip
 import json
 import os
@@ -29,7 +28,8 @@ import sys
 import time
 import urllib.request
 
-from train.files import atomic_write
+from pipelines import tables
+from pipelines.data.files import atomic_write
 
 DEBIAN_DIR = "/usr/share/datasets/fashion-mnist"
 DOWNLOAD_URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
@@ -83,16 +83,10 @@ def run(cmd: list[str], *, env: dict | None = None) -> None:
         raise SystemExit(f"step failed (exit {result.returncode}): {shlex.join(cmd)}")
 
 
-def read_rows(path: str) -> list[dict]:
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
-
-
 def throughput_summary(bench_csv: str, model: str, peer: str) -> tuple[str, str]:
     """(plot title, summary line) of the benchmark, naming the device it ran on (its CSV's side file)."""
-    with open(bench_csv + ".json") as f:
-        device = json.load(f)["device"]
-    speed = {r["model"]: float(r["infer_samples_per_sec"]) for r in read_rows(bench_csv)}
+    device = (tables.read_side(bench_csv) or {}).get("device", "device not recorded")
+    speed = {r["model"]: float(r["infer_samples_per_sec"]) for r in tables.read_rows(bench_csv)}
     fused, unfused, base = speed[f"{model}@fused"], speed[f"{model}@unfused"], speed[peer]
     return (f"Fashion-MNIST: top-1 vs {device} inference throughput",
             f"{f'throughput ({device})':<21} fused {fused:,.0f} img/s = {fused / unfused:.2f}x unfused "
@@ -131,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
 
     print(f"== 1/6 data: Fashion-MNIST -> WebDataset shards in {data}")
-    run([py, "-m", "pipelines.shards", "fashion-mnist", fashion_mnist_source("data/fashion-mnist"), data])
+    run([py, "-m", "pipelines.data.shards", "fashion-mnist", fashion_mnist_source("data/fashion-mnist"), data])
 
     print(f"\n== 2/6 train: {cfg.model.name} with DeepSpeed on {args.ranks} local ranks -> {run_dir}")
     run([py, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.ranks}", "-m", "train",
@@ -156,11 +150,11 @@ def main(argv: list[str] | None = None) -> int:
          "--name", f"{cfg.model.name}@fused", "--results", results_csv], env=env)
     if with_peer:
         print(f"\n== 4/6 evaluate: the peer {peer} (exported first)")
-        compare.merge_csv([results_csv, compare.export_and_evaluate(peer, peer_dir, data, env)], results_csv,
-                          compare.RESULTS_COLUMNS)
+        tables.merge([results_csv, compare.export_and_evaluate(peer, peer_dir, data, env)], results_csv,
+                     tables.RESULTS_COLUMNS)
 
     print("\n== 5/6 benchmark: inference throughput, fused vs unfused vs the matching ConvNeXt (one run)")
-    from pipelines.data import read_info
+    from pipelines.data.loader import read_info
 
     num_classes = cfg.model.num_classes or len(read_info(data)["classes"])
     img_size = cfg.model.kwargs.get("img_size", cfg.data.img_size)
@@ -179,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         run([py, "-m", "pipelines.plot", what, "--model", cfg.model.name, "--checkpoint", unfused,
              "--model-kwargs", json.dumps(cfg.model.kwargs), "--out", plots[what], *extra])
 
-    top1 = float(read_rows(results_csv)[0]["top1"])
+    top1 = float(tables.read_rows(results_csv)[0]["top1"])
     minutes = (time.perf_counter() - t0) / 60
     print(f"""
 == summary ({minutes:.1f} min)
@@ -190,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
   TensorBoard           tensorboard --logdir {os.path.join(run_dir, 'tensorboard')}
   results (timm CSVs)   {results_csv}, {bench_csv}""")
     if with_peer:
-        peer_top1 = next(float(r["top1"]) for r in read_rows(results_csv) if r["model"] == peer)
+        peer_top1 = next(float(r["top1"]) for r in tables.read_rows(results_csv) if r["model"] == peer)
         print(f"  peer top-1            {peer_top1:.2f}% ({peer}, same recipe; run dir {peer_dir})")
     return 0
 

@@ -1,5 +1,5 @@
 """Shared by the end-to-end tests: a real shard folder (a slice of the packaged Fashion-MNIST, written by
-pipelines.shards) and the comparison of a run's final weights with another run's."""
+pipelines.data.shards) and the comparison of a run's final weights with another run's."""
 from __future__ import annotations
 
 import os
@@ -31,7 +31,7 @@ def require(ok: bool, reason: str) -> None:
 
 
 def fashion_mnist_train() -> tuple[np.ndarray, np.ndarray]:
-    from pipelines.shards import read_idx
+    from pipelines.data.shards import read_idx
     require(os.path.isdir(FASHION_MNIST),
             f"{FASHION_MNIST} missing (Debian package dataset-fashion-mnist; scripts/setup.sh installs it)")
     return (read_idx(os.path.join(FASHION_MNIST, "train-images-idx3-ubyte.gz")),
@@ -41,8 +41,8 @@ def fashion_mnist_train() -> tuple[np.ndarray, np.ndarray]:
 @pytest.fixture(scope="session")
 def shards(tmp_path_factory) -> str:
     """A real shard folder: TRAIN_SAMPLES/VAL_SAMPLES Fashion-MNIST images as class folders, written with
-    pipelines.shards in shards of SHARD_SIZE."""
-    from pipelines.shards import main as shards_main
+    pipelines.data.shards in shards of SHARD_SIZE."""
+    from pipelines.data.shards import main as shards_main
     images, labels = fashion_mnist_train()
     root = tmp_path_factory.mktemp("fmnist")
     out = str(root / "wds")

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from pipelines.benchmark import models as bench
+from pipelines.benchmark import model_speed as bench
 from pipelines.flops import FFT_CONVENTION
 
 TIMM_BENCH_COLUMNS = ["model", "infer_img_size", "infer_samples_per_sec", "infer_step_time", "infer_batch_size",

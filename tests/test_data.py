@@ -9,7 +9,7 @@ from collections import Counter
 import pytest
 import torch
 
-from pipelines import data, shards
+from pipelines.data import loader as data, shards
 from tests.test_shards import jpeg_bytes
 
 
@@ -113,7 +113,7 @@ def test_train_skips_corrupt_samples_and_truncated_members(tmp_path, caplog):
 
 
 def test_loader_fails_at_start_with_the_fix_in_the_message(tmp_path):
-    with pytest.raises(data.DataError, match="python -m pipelines.shards"):
+    with pytest.raises(data.DataError, match="python -m pipelines.data.shards"):
         data.read_info(str(tmp_path))
     write_split(tmp_path, "train", [4] * 3)
     with pytest.raises(data.DataError, match="3 shards but 2 ranks x 2 workers = 4 readers need at least 4.*"

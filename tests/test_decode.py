@@ -1,4 +1,4 @@
-"""pipelines.decode: the draft decode keeps timm's crops and draws; the device decoder's crops follow timm's
+"""pipelines.data.decode: the draft decode keeps timm's crops and draws; the device decoder's crops follow timm's
 distributions, and it is deterministic, shaped right and counts corrupt images (run here on the CPU)."""
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pipelines import data, decode
+from pipelines.data import decode, loader as data
 from pipelines.benchmark.loader import synthetic_jpeg
 from tests.test_data import write_split
 

@@ -60,7 +60,7 @@ CASES = {
                           ["{recipe} is not valid YAML: line 4, column 5: expected ',' or '}}'"]),
     "missing _info.json": (TRAIN + ["--set", "data.dir={empty}"], ["{empty}/_info.json not found"]),
     "missing shard": (TRAIN + ["--set", "data.dir={broken}"],
-                      ["train-000002.tar of split 'train' is missing", "python -m pipelines.shards"]),
+                      ["train-000002.tar of split 'train' is missing", "python -m pipelines.data.shards"]),
     "evaluate another model's checkpoint": (
         ["pipelines.evaluate", "--model", "convnext_atto", "--checkpoint", "{plain}", "--data", "{data}",
          "--workers", "0"], ["different model than 'convnext_atto'", "missing"]),
@@ -68,7 +68,7 @@ CASES = {
         ["pipelines.evaluate", "--model", "mrconvnext_femto", "--checkpoint", "{export}", "--data", "{data}",
          "--workers", "0"], ["holds mrconvnext_atto weights", "--model mrconvnext_atto"]),
     "shards into another dataset": (
-        ["pipelines.shards", "fashion-mnist", "{fm}", "{data}", "--no-progress"],
+        ["pipelines.data.shards", "fashion-mnist", "{fm}", "{data}", "--no-progress"],
         ["{data} holds another dataset (10 classes: 0, 1, 2, ...;", "nothing was written"]),
 }
 

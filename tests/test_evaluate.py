@@ -14,7 +14,8 @@ from safetensors.torch import save_file
 from timm.utils import reparameterize_model
 
 import models  # noqa: F401
-from pipelines import evaluate, shards
+from pipelines import evaluate, tables
+from pipelines.data import shards
 
 NUM_CLASSES = 10
 TIMM_RESULTS_COLUMNS = ["model", "img_size", "top1", "top1_err", "top5", "top5_err", "param_count", "crop_pct",
@@ -154,12 +155,12 @@ def test_results_row_matches_timm_and_header_is_written_once(tmp_path):
     assert (row["top1"], row["top1_err"], row["top5_err"], row["param_count"]) == ("82.100", "17.900", "4.100",
                                                                                    "28.59")
     path = str(tmp_path / "r.csv")
-    evaluate.append_csv(path, evaluate.RESULTS_COLUMNS, [row])
-    evaluate.append_csv(path, evaluate.RESULTS_COLUMNS, [row])
+    tables.append_rows(path, tables.RESULTS_COLUMNS, [row])
+    tables.append_rows(path, tables.RESULTS_COLUMNS, [row])
     with open(path) as f:
         assert f.read().count("model,img_size") == 1
     with pytest.raises(ValueError, match="columns"):
-        evaluate.append_csv(path, ("model", "x"), [{"model": "a", "x": 1}])
+        tables.append_rows(path, ("model", "x"), [{"model": "a", "x": 1}])
 
 
 def test_export_side_file_supplies_the_defaults(trained, tmp_path, capsys):

@@ -2,7 +2,7 @@ import os
 
 import pytest
 
-from train.files import atomic_write, atomic_write_text
+from pipelines.data.files import atomic_write, atomic_write_text
 
 
 def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):

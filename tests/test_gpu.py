@@ -114,7 +114,7 @@ def test_triton_fused_bf16_is_as_close_as_a_bf16_depthwise_conv():
 
 
 def _gpu_loader(root, **kw):
-    from pipelines import data
+    from pipelines.data import loader as data
     return data.create_train_loader(str(root), batch_size=8, img_size=64, num_classes=4, num_workers=2, seed=3,
                                     auto_augment=None, re_prob=0.25, decode="gpu", device="cuda", **kw)
 
@@ -151,11 +151,11 @@ def test_gpu_decode_matches_the_same_pipeline_on_cpu_and_mixes_on_cuda(tmp_path)
     CPU from the same generator, so the CUDA batch is the CPU batch up to decode and resize rounding."""
     import numpy as np
 
-    from pipelines import decode
+    from pipelines.data import decode
     from pipelines.benchmark.loader import synthetic_jpeg
     rng = np.random.default_rng(0)
     jpegs = [synthetic_jpeg(rng, w, h) for w, h in [(500, 375), (375, 500), (640, 480), (800, 600)] * 4]
-    from pipelines.data import concat_encoded
+    from pipelines.data.loader import concat_encoded
     flat, lengths = concat_encoded(jpegs)
     targets = torch.arange(len(jpegs))
     kw = dict(train=True, img_size=96, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), seed=1, re_prob=0.5)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipelines import shards
+from pipelines.data import shards
 
 
 def jpeg_bytes(seed: int, size: int = 32, mode: str = "RGB") -> bytes:

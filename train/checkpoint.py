@@ -27,8 +27,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from pipelines.data.files import atomic_write_text
 from train.config import ConfigError, TrainConfig, config_diff, fingerprint, to_dict
-from train.files import atomic_write_text
 
 _log = logging.getLogger("train")
 

@@ -18,7 +18,7 @@ from typing import Any, Optional
 
 import yaml
 
-from train.files import atomic_write_text
+from pipelines.data.files import atomic_write_text
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 

@@ -7,7 +7,7 @@ from typing import Optional
 import deepspeed
 import torch
 
-from train.config import BatchPlan, TrainConfig
+from train.config import BatchPlan, DeepSpeedConfig
 
 # DeepSpeed prints a line every `steps_per_print` steps; the trainer logs itself.
 _QUIET_STEPS = 10**9
@@ -15,26 +15,27 @@ _QUIET_STEPS = 10**9
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def deepspeed_config(cfg: TrainConfig, plan: BatchPlan) -> dict:
+def deepspeed_config(section: DeepSpeedConfig, plan: BatchPlan, clip_grad: Optional[float] = None) -> dict:
+    """DeepSpeed's config for the run's ``deepspeed`` section, batch plan and gradient clipping."""
     ds = {
         "train_batch_size": plan.global_batch_size,
         "train_micro_batch_size_per_gpu": plan.micro_batch_size,
         "gradient_accumulation_steps": plan.grad_accum_steps,
-        "gradient_clipping": cfg.optim.clip_grad or 0.0,
-        "zero_optimization": {"stage": cfg.deepspeed.zero_stage},
+        "gradient_clipping": clip_grad or 0.0,
+        "zero_optimization": {"stage": section.zero_stage},
         "steps_per_print": _QUIET_STEPS,
         "wall_clock_breakdown": False,
     }
-    if cfg.deepspeed.precision == "bf16":
+    if section.precision == "bf16":
         # Not the "bf16" block: it casts parameters but not buffers, and BatchNorm then fails on its first
         # forward. torch_autocast keeps weights and BN statistics in fp32 (docs/FIELD_NOTES.md).
         ds["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
-    ds.update(cfg.deepspeed.extra)
+    ds.update(section.extra)
     return ds
 
 
-def autocast_dtype(cfg: TrainConfig) -> Optional[torch.dtype]:
-    return AMP_DTYPES.get(cfg.deepspeed.precision)
+def autocast_dtype(section: DeepSpeedConfig) -> Optional[torch.dtype]:
+    return AMP_DTYPES.get(section.precision)
 
 
 def create_engine(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ds_config: dict):

@@ -30,17 +30,25 @@ def summed_counts(now: Mapping[str, int], before: Mapping[str, int]) -> dict[str
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, loader: Iterable, autocast_dtype: torch.dtype | None = None) -> dict:
-    """Returns ``{'top1', 'top5', 'loss', 'count'}`` over the whole evaluation set (all ranks), plus the
-    loader's bad-data counts of this pass (``corrupt_skipped``, ...) when it keeps them."""
-    device = get_accelerator().current_device_name()
+def evaluate(model: torch.nn.Module, loader: Iterable, autocast_dtype: torch.dtype | None = None, *,
+             device: torch.device | str | None = None, progress: bool = False, total: int | None = None) -> dict:
+    """Returns ``{'top1', 'top5', 'loss', 'count'}`` over the whole evaluation set (all ranks when a process group
+    is up, else this process's loader), plus the loader's bad-data counts of this pass (``corrupt_skipped``, ...)
+    when it keeps them. ``device`` defaults to the accelerator's current device; ``progress`` draws a bar."""
+    device = torch.device(device or get_accelerator().current_device_name())
+    distributed = dist.is_available() and dist.is_initialized()
     was_training = model.training
     model.eval()
     totals = torch.zeros(4, dtype=torch.float64, device=device)  # top1, top5, loss sum, count
     counts_before = dict(getattr(loader, "stats", {}))
-    autocast = (torch.autocast(device_type=get_accelerator().device_name(), dtype=autocast_dtype)
+    autocast = (torch.autocast(device_type=device.type, dtype=autocast_dtype)
                 if autocast_dtype is not None else contextlib.nullcontext())
-    for images, target in signals.shielded(loader):  # its workers ignore the stop signals
+    batches = signals.shielded(loader)  # its workers ignore the stop signals
+    if progress:
+        from tqdm import tqdm
+
+        batches = tqdm(batches, total=total, desc="eval", unit="batch")
+    for images, target in batches:
         images = images.to(device, non_blocking=True)
         target = target.to(device, non_blocking=True)
         with autocast:
@@ -49,10 +57,13 @@ def evaluate(model: torch.nn.Module, loader: Iterable, autocast_dtype: torch.dty
         c1, c5 = topk_correct(logits, target)
         loss = torch.nn.functional.cross_entropy(logits, target, reduction="sum")
         totals += torch.tensor([c1, c5, float(loss), target.numel()], dtype=torch.float64, device=device)
-    dist.all_reduce(totals, op=dist.ReduceOp.SUM)
+    if distributed:
+        dist.all_reduce(totals, op=dist.ReduceOp.SUM)
     model.train(was_training)
     count = totals[3].item()
     if count == 0:
         raise RuntimeError("the evaluation set is empty on every rank")
+    stats = getattr(loader, "stats", {})
     return {"top1": totals[0].item() / count, "top5": totals[1].item() / count, "loss": totals[2].item() / count,
-            "count": int(count), **summed_counts(getattr(loader, "stats", {}), counts_before)}
+            "count": int(count), **(summed_counts(stats, counts_before) if distributed else
+                                    {k: v - counts_before.get(k, 0) for k, v in stats.items()})}

@@ -20,10 +20,10 @@ from safetensors.torch import save_file
 from timm.utils import reparameterize_model
 
 import models  # noqa: F401  (registers mrconvnext_* in timm)
-from pipelines.data import create_eval_loader
+from pipelines.data.files import atomic_write, atomic_write_text
 from train import checkpoint as ckpt
+from train import loaders
 from train.config import TrainConfig, from_dict
-from train.files import atomic_write, atomic_write_text
 
 MAX_REL_DIFF = 1e-4
 
@@ -49,9 +49,8 @@ def check_images(cfg: TrainConfig, data_dir: Optional[str], split: str, n: int) 
     if data_dir is None:
         torch.manual_seed(0)
         return torch.randn(n, cfg.model.in_chans, d.img_size, d.img_size), "random inputs (no --data)"
-    loader = create_eval_loader(data_dir, split, batch_size=n, img_size=d.img_size, crop_pct=d.crop_pct, rank=0,
-                                world_size=1, num_workers=0, in_chans=cfg.model.in_chans,
-                                interpolation=d.interpolation, mean=d.mean, std=d.std)
+    loader = loaders.eval_loader(d, in_chans=cfg.model.in_chans, data_dir=data_dir, split=split, batch_size=n,
+                                 num_workers=0, decode="cpu")
     images = next(iter(loader))[0]
     return images, f"{images.shape[0]} images of {data_dir} split {split!r}"
 

@@ -22,10 +22,10 @@ from deepspeed.accelerator import get_accelerator
 from timm.utils import ModelEmaV3, distribute_bn
 
 import models  # noqa: F401  (registers mrconvnext_* in timm)
-from pipelines.data import (COUNT_KEYS, DataError, check_readers, check_split, create_eval_loader,
-                            create_train_loader, read_info)
+from pipelines.data.files import atomic_write_text
+from pipelines.data.loader import COUNT_KEYS, DataError, check_readers, check_split, read_info
 from train import checkpoint as ckpt
-from train import signals
+from train import loaders, signals
 from train.config import (ConfigError, TrainConfig, check_model_name, load_config, model_kwarg_hint, plan_batches,
                           scaled_lr, write_config)
 from train.distributed import init_distributed, world_info_from_env
@@ -112,23 +112,14 @@ def run(cfg: TrainConfig, run_dir: str) -> int:
     lr = scaled_lr(cfg, plan.global_batch_size)
     optimizer = create_optimizer(model, lr, cfg.optim.weight_decay, tuple(cfg.optim.betas), cfg.optim.eps,
                                  cfg.optim.kernel_lr)
-    engine = create_engine(model, optimizer, deepspeed_config(cfg, plan))
-    amp_dtype = autocast_dtype(cfg)
+    engine = create_engine(model, optimizer, deepspeed_config(cfg.deepspeed, plan, cfg.optim.clip_grad))
+    amp_dtype = autocast_dtype(cfg.deepspeed)
 
-    d = cfg.data
     device = get_accelerator().current_device_name()  # where data.decode=gpu decodes
-    train_loader = create_train_loader(
-        d.dir, d.train_split, batch_size=d.batch_size, img_size=d.img_size, num_classes=num_classes, rank=rank,
-        world_size=world_size, num_workers=d.num_workers, seed=cfg.seed, in_chans=cfg.model.in_chans,
-        auto_augment=d.auto_augment, re_prob=d.re_prob, hflip=d.hflip, scale=tuple(d.scale),
-        interpolation=d.interpolation, mean=d.mean, std=d.std, mixup=d.mixup, cutmix=d.cutmix,
-        label_smoothing=d.label_smoothing, resampled=d.resampled, shuffle_buffer=d.shuffle_buffer,
-        decode=d.decode, device=device)
-    eval_loader = create_eval_loader(
-        d.dir, d.val_split, batch_size=d.eval_batch_size or d.batch_size, img_size=d.img_size,
-        crop_pct=d.crop_pct, rank=rank, world_size=world_size, num_workers=d.num_workers,
-        in_chans=cfg.model.in_chans, interpolation=d.interpolation, mean=d.mean, std=d.std,
-        decode=d.decode, device=device)
+    train_loader = loaders.train_loader(cfg.data, num_classes=num_classes, in_chans=cfg.model.in_chans,
+                                        seed=cfg.seed, rank=rank, world_size=world_size, device=device)
+    eval_loader = loaders.eval_loader(cfg.data, in_chans=cfg.model.in_chans, rank=rank, world_size=world_size,
+                                      device=device)
     # Whole accumulation windows per epoch, so an epoch ends on an optimizer update.
     updates_per_epoch = len(train_loader) // plan.grad_accum_steps
     if updates_per_epoch == 0:
@@ -218,8 +209,7 @@ def run(cfg: TrainConfig, run_dir: str) -> int:
                "train_seconds_this_start": round(time.perf_counter() - t_start, 1),
                "train_bad_data_this_start": data_counts}
     if rank == 0:
-        with open(os.path.join(run_dir, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=1)
+        atomic_write_text(os.path.join(run_dir, "summary.json"), json.dumps(summary, indent=1))
         logger.info("finished: " + json.dumps(summary))
         logger.info(f"export with: python -m train.export {run_dir} {os.path.join(run_dir, 'model.safetensors')} "
                     f"--data {cfg.data.dir}")

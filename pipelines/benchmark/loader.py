@@ -22,7 +22,7 @@ import time
 import numpy as np
 from PIL import Image
 
-from pipelines import data, shards
+from pipelines.data import loader as data, shards
 from pipelines.benchmark.timing import machine_description, synchronize
 
 CLASSES = 10

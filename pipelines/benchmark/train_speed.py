@@ -17,6 +17,7 @@ import time
 from typing import Optional
 
 from pipelines.compare import peer_of
+from pipelines.data.files import atomic_write
 from train.distributed import free_port
 
 RESULT_PREFIX = "BENCH_RESULT "
@@ -29,21 +30,19 @@ def worker(args: argparse.Namespace) -> int:
     from deepspeed.accelerator import get_accelerator
 
     import models  # noqa: F401  (registers mrconvnext_*)
-    from train.config import BatchPlan, load_config
+    from train.config import BatchPlan, DeepSpeedConfig
     from train.distributed import init_distributed
     from train.engine import create_engine, deepspeed_config
     from train.loop import loss_fn
     from train.optim import create_optimizer
 
     world = init_distributed()
-    cfg = load_config(None, [f"data.dir=synthetic", f"deepspeed.zero_stage={args.zero_stage}",
-                             f"deepspeed.precision={args.precision}", f"data.batch_size={args.batch_size}",
-                             f"data.img_size={args.img_size}"])
     kwargs = {"img_size": args.img_size} if args.model.startswith("mrconvnext_") else {}
     torch.manual_seed(0)
     model = timm.create_model(args.model, num_classes=args.num_classes, **kwargs)
     optimizer = create_optimizer(model, 1e-3, 0.05, (0.9, 0.999), 1e-8)
-    engine = create_engine(model, optimizer, deepspeed_config(cfg, BatchPlan(args.batch_size, 1, world.world_size)))
+    engine = create_engine(model, optimizer, deepspeed_config(
+        DeepSpeedConfig(zero_stage=args.zero_stage, precision=args.precision), BatchPlan(args.batch_size, 1, world.world_size)))
     device = get_accelerator().current_device_name()
     images = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device)
     target = torch.randint(0, args.num_classes, (args.batch_size,), device=device)
@@ -75,7 +74,7 @@ def worker(args: argparse.Namespace) -> int:
 
 def measure(model: str, ranks: int, args: argparse.Namespace) -> dict:
     cmd = [os.path.join(os.path.dirname(sys.executable), "torchrun"), "--nproc_per_node", str(ranks),
-           "--master_port", str(free_port()), "-m", "pipelines.benchmark.train", "--worker", "--model", model]
+           "--master_port", str(free_port()), "-m", "pipelines.benchmark.train_speed", "--worker", "--model", model]
     for key in ("batch_size", "img_size", "steps", "warmup", "zero_stage", "precision", "num_classes"):
         cmd += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), PYTHONWARNINGS="ignore")
@@ -145,8 +144,9 @@ def main(argv: Optional[list[str]] = None) -> int:
           f"ranks / (N x per-rank img/s at {ranks[0]} rank(s)); vs convnext at {ranks[-1]} rank(s)\n")
     print(table(results, ranks))
     if args.json:
-        with open(args.json, "w") as f:
+        with atomic_write(args.json) as tmp, open(tmp, "w") as f:
             json.dump(results, f, indent=1)
+        print(f"wrote {args.json}")
     return 0
 
 

@@ -1,7 +1,7 @@
 """Write WebDataset shards (``{split}-{index:06d}.tar`` + ``_info.json``) that timm's ``wds/`` reader reads.
 
-    python -m pipelines.shards imagefolder SRC OUT [--split train] [--labels FILE --classes-from OUT_OR_INFO]
-    python -m pipelines.shards fashion-mnist SRC OUT
+    python -m pipelines.data.shards imagefolder SRC OUT [--split train] [--labels FILE --classes-from OUT_OR_INFO]
+    python -m pipelines.data.shards fashion-mnist SRC OUT
 
 A shard holds the original encoded bytes (``KEY.jpg`` / ``KEY.png`` / ``KEY.webp``) and ``KEY.cls`` (the integer
 label as ascii). The sample order is a seeded shuffle of the sorted source listing, cut into shards of
@@ -35,9 +35,9 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from train.files import TMP_SUFFIX, atomic_write, atomic_write_text
+from pipelines.data.files import TMP_SUFFIX, atomic_write, atomic_write_text
 
-# The shard folder format this module writes; pipelines.data reads it by the same names.
+# The shard folder format this module writes; pipelines.data.loader reads it by the same names.
 INFO_NAME = "_info.json"
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 # PIL format -> shard member extension (the keys timm's reader looks for: 'jpg;png;webp')
@@ -483,7 +483,7 @@ def summary(result: WriteResult) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m pipelines.shards", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m pipelines.data.shards", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("src", help="source folder")

@@ -1,4 +1,4 @@
-"""Train and eval loaders over the shards written by ``python -m pipelines.shards``.
+"""Train and eval loaders over the shards written by ``python -m pipelines.data.shards``.
 
 Train (timm / open_clip pattern, made deterministic): each epoch the full shard list is shuffled with a seed
 shared by all ranks (``seed``, ``epoch``), split by global worker id (``rank * num_workers + worker_id``), read
@@ -40,8 +40,8 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup, create
 from timm.data.mixup import mixup_target
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pipelines.decode import DeviceDecoder, DraftCropDecoder
-from pipelines.shards import FORMAT_EXT, INFO_NAME, read_folder_info
+from pipelines.data.decode import DeviceDecoder, DraftCropDecoder
+from pipelines.data.shards import FORMAT_EXT, INFO_NAME, read_folder_info
 
 _logger = logging.getLogger(__name__)
 
@@ -115,7 +115,7 @@ def check_readers(data_dir: str, split: str, num_shards: int, world_size: int, n
         raise DataError(
             f"{data_dir} split {split!r} has {num_shards} shards but {world_size} ranks x {max(1, num_workers)} "
             f"workers = {readers} readers need at least {readers}: re-shard with a smaller --shard-size "
-            f"(python -m pipelines.shards ... --shard-size N), lower data.num_workers, or draw shards with "
+            f"(python -m pipelines.data.shards ... --shard-size N), lower data.num_workers, or draw shards with "
             f"replacement: --set data.resampled=true")
 
 
@@ -126,14 +126,14 @@ def check_readers(data_dir: str, split: str, num_shards: int, world_size: int, n
 def read_info(data_dir: str) -> dict:
     """The parsed ``_info.json`` of a shard folder."""
     try:
-        info = read_folder_info(data_dir, fix=f"re-run python -m pipelines.shards on {data_dir}")
+        info = read_folder_info(data_dir, fix=f"re-run python -m pipelines.data.shards on {data_dir}")
     except ValueError as exc:
         raise DataError(str(exc)) from None
     if info is None:
         raise DataError(
-            f"{os.path.join(data_dir, INFO_NAME)} not found: {data_dir} holds no shards written by pipelines.shards; "
-            f"create them with 'python -m pipelines.shards imagefolder SRC {data_dir}' or "
-            f"'python -m pipelines.shards fashion-mnist SRC {data_dir}'")
+            f"{os.path.join(data_dir, INFO_NAME)} not found: {data_dir} holds no shards written by pipelines.data.shards; "
+            f"create them with 'python -m pipelines.data.shards imagefolder SRC {data_dir}' or "
+            f"'python -m pipelines.data.shards fashion-mnist SRC {data_dir}'")
     return info
 
 
@@ -161,7 +161,7 @@ def _split_shards(data_dir: str, split: str, *, check_ends: bool = True) -> tupl
     splits = info.get("splits", {})
     if split not in splits:
         raise DataError(f"split {split!r} not in {os.path.join(data_dir, INFO_NAME)} (has {sorted(splits)}); "
-                        f"write it with python -m pipelines.shards ... --split {split}")
+                        f"write it with python -m pipelines.data.shards ... --split {split}")
     entry = splits[split]
     shards = [os.path.join(data_dir, name) for name in entry["filenames"]]
     if not shards:
@@ -174,12 +174,12 @@ def _split_shards(data_dir: str, split: str, *, check_ends: bool = True) -> tupl
                     cut.append(os.path.basename(path))
         except OSError as exc:
             raise DataError(f"shard {path} of split {split!r} is missing or unreadable ({exc.strerror}); re-run "
-                            f"python -m pipelines.shards on {data_dir} to rewrite it") from None
+                            f"python -m pipelines.data.shards on {data_dir} to rewrite it") from None
     if cut:
         shown = ", ".join(cut[:3]) + (f" and {len(cut) - 3} more" if len(cut) > 3 else "")
         _logger.warning(f"{len(cut)} shard(s) of {data_dir} split {split!r} do not end like a complete tar (cut "
                         f"short): {shown}; their samples up to the cut are read and the missing ones counted as "
-                        f"short_samples; re-run python -m pipelines.shards on {data_dir} to rewrite them")
+                        f"short_samples; re-run python -m pipelines.data.shards on {data_dir} to rewrite them")
     return shards, dict(zip(shards, entry["shard_lengths"])), int(entry["num_samples"])
 
 
@@ -343,7 +343,7 @@ class _ShardStream(IterableDataset):
             elif all(self._judged.get(u) is False for u in pool):
                 raise DataError(f"no decodable sample in the shards of train worker {worker_id} on rank "
                                    f"{self.rank} ({', '.join(map(os.path.basename, pool))}): rewrite them with "
-                                   f"python -m pipelines.shards")
+                                   f"python -m pipelines.data.shards")
 
     def __iter__(self):
         info = get_worker_info()
@@ -387,7 +387,7 @@ class _ShardStream(IterableDataset):
             if expected is not None and read < expected:
                 self._counts["short_samples"] += expected - read
                 self._warn("shard %s ended after %d of its %d samples (_info.json shard_lengths): cut short; "
-                           "rewrite it with python -m pipelines.shards", url, read, expected)
+                           "rewrite it with python -m pipelines.data.shards", url, read, expected)
             if judge and url not in self._judged:
                 self._judged[url] = False
                 self._counts["shards_given_up"] += 1
@@ -513,8 +513,8 @@ def create_train_loader(data_dir: str, split: str = "train", *, batch_size: int,
                         device: torch.device | str = "cpu") -> ShardLoader:
     """Training loader for ``rank`` of ``world_size``; fails here (not mid-epoch) on missing shards or too few.
 
-    ``decode="cpu"``: workers decode (``pipelines.decode.DraftCropDecoder``) and augment; ``"gpu"``: workers
-    read bytes, batches are decoded and augmented on ``device`` (``pipelines.decode.DeviceDecoder``)."""
+    ``decode="cpu"``: workers decode (``pipelines.data.decode.DraftCropDecoder``) and augment; ``"gpu"``: workers
+    read bytes, batches are decoded and augmented on ``device`` (``pipelines.data.decode.DeviceDecoder``)."""
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} outside world size {world_size}")
     if num_workers < 0:

@@ -20,9 +20,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import csv
-import json
-import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,6 +27,7 @@ from dataclasses import dataclass
 import torch
 from deepspeed.accelerator import get_accelerator
 
+from pipelines import tables
 from train.engine import AMP_DTYPES
 
 from .timing import device_name, interleaved, machine_description, peak_memory_gib, tensor_bytes
@@ -289,18 +287,6 @@ def summary(entries: list[Entry]) -> str:
     return "summary: " + "; ".join(parts)
 
 
-def write_csv(path: str, rows: list[dict], columns: tuple[str, ...], meta: dict) -> str:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(columns))
-        writer.writeheader()
-        writer.writerows(rows)
-    side = path + ".json"
-    with open(side, "w") as f:
-        json.dump(meta, f, indent=1)
-    return side
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m pipelines.benchmark models", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -382,8 +368,8 @@ def main(argv: list[str]) -> int:
                                                   "inference step allocates (CUDA; empty elsewhere)",
                             "train_peak_mem_gib": "GiB: weights, buffers, gradients and optimizer state plus the "
                                                   "peak one training step allocates (CUDA; empty elsewhere)"}}
-        side = write_csv(args.csv, csv_rows(entries, args), columns, meta)
-        print(f"wrote {args.csv} and {side}")
+        tables.write_rows(args.csv, columns, csv_rows(entries, args), side=meta)
+        print(f"wrote {args.csv} and {args.csv}{tables.SIDE_SUFFIX}")
     print(summary(entries))
     return 0
 
