@@ -18,7 +18,6 @@ import torch
 
 from tests.conftest import VAL_SAMPLES, assert_same_model, final_weights
 from train import checkpoint as ckpt
-from train.config import ConfigError, load_config, plan_batches
 from train.distributed import free_port
 from train.logger import TENSORBOARD_SUBDIR
 
@@ -60,67 +59,6 @@ def scalars(run_dir, tag: str) -> list[float]:
     acc = EventAccumulator(os.path.join(str(run_dir), TENSORBOARD_SUBDIR), size_guidance={"scalars": 0, "images": 0})
     acc.Reload()
     return [e.value for e in acc.Scalars(tag)]
-
-
-# ---------------------------------------------------------------------------------------------------------
-# config validation (in process, no launch)
-
-
-def test_param_groups_separate_mrconv_kernels_from_norms_and_weights():
-    import timm
-
-    import models  # noqa: F401
-    from train.optim import param_groups
-    model = timm.create_model("mrconvnext_atto", img_size=32, depths=(1, 1, 1, 1), dims=(8, 16, 24, 32))
-    groups = {g["name"]: g for g in param_groups(model, lr=1e-3, weight_decay=0.05, kernel_lr=1e-4)}
-    names = {id(p): n for n, p in model.named_parameters()}
-    kernel = {names[id(p)] for p in groups["kernel"]["params"]}
-    no_decay = {names[id(p)] for p in groups["no_decay"]["params"]}
-    decay = {names[id(p)] for p in groups["decay"]["params"]}
-    assert "stages.0.blocks.0.conv_dw.alpha" in kernel and "stages.0.blocks.0.conv_dw.fourier_modes" in kernel
-    assert "stages.0.blocks.0.conv_dw.norm.weight" in no_decay and "head.fc.bias" in no_decay
-    assert "stages.0.blocks.0.mlp.fc1.weight" in decay and "head.fc.weight" in decay
-    assert (groups["kernel"]["lr"], groups["kernel"]["weight_decay"]) == (1e-4, 0.0)
-    assert groups["decay"]["weight_decay"] == 0.05 and groups["no_decay"]["weight_decay"] == 0.0
-    assert len(kernel) + len(no_decay) + len(decay) == len(list(model.parameters()))
-
-
-def test_config_errors_name_the_key():
-    with pytest.raises(ConfigError, match=r"unknown config key 'optim.weigth_decay'; did you mean 'optim.weight_decay'"):
-        load_config("fashion_mnist", ["optim.weigth_decay=0.1"])
-    with pytest.raises(ConfigError, match=r"data.batch_size: expected an integer, got 'big'"):
-        load_config("fashion_mnist", ["data.batch_size=big"])
-    with pytest.raises(ConfigError, match=r"unknown config key 'modle'; did you mean 'model'"):
-        load_config("fashion_mnist", ["modle.name=x"])
-    with pytest.raises(ConfigError, match=r"deepspeed.zero_stage must be 0, 1, 2 or 3"):
-        load_config("fashion_mnist", ["deepspeed.zero_stage=4"])
-    cfg = load_config("fashion_mnist", ["optim.global_batch_size=100", "data.batch_size=16"])
-    with pytest.raises(ConfigError, match=r"16 x 2 = 32"):
-        plan_batches(cfg, world_size=2)
-    cfg = load_config("fashion_mnist", ["optim.global_batch_size=96", "optim.grad_accum_steps=2",
-                                        "data.batch_size=16"])
-    with pytest.raises(ConfigError, match=r"16 x 2 x 2 = 64, but optim.global_batch_size=96"):
-        plan_batches(cfg, world_size=2)
-    cfg = load_config("mrconvnext_tiny")  # 4096 = 128 x accum x 8 -> accum 4; lr 4e-3 at 4096
-    assert plan_batches(cfg, 8).grad_accum_steps == 4
-    assert cfg.optim.lr is None and cfg.optim.base_lr == 4e-3 and cfg.model.drop_path_rate == 0.1
-    assert load_config("mrconvnext_base").model.drop_path_rate == 0.5
-
-
-def test_prune_keeps_latest_and_ignores_unfinished(tmp_path):
-    d = str(tmp_path)
-    for step in (4, 8, 12, 16):
-        os.makedirs(os.path.join(d, ckpt.tag_for(step)))
-        if step != 16:  # 16: a save that crashed before meta.json/latest were written
-            open(os.path.join(d, ckpt.tag_for(step), ckpt.META), "w").write("{}")
-    open(os.path.join(d, ckpt.LATEST), "w").write(ckpt.tag_for(12))
-    ckpt.prune(d, keep=2)
-    assert sorted(os.listdir(d)) == ["latest", ckpt.tag_for(8), ckpt.tag_for(12), ckpt.tag_for(16)]
-    assert ckpt.latest_tag(d) == ckpt.tag_for(12)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# real training runs
 
 
 @pytest.fixture(scope="module")
