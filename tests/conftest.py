@@ -62,10 +62,11 @@ def final_weights(run_dir) -> dict[str, torch.Tensor]:
 
 
 def assert_same_model(a: dict, b: dict) -> None:
-    """Weights: max abs diff <= 1e-6 (in practice bit-identical). BN running statistics: relative 1e-6, because
-    the SIGUSR1 stop saves off the every_steps schedule, and every save averages BN statistics across ranks in
-    place (as timm does): averaging commutes with the running-average update, so the final statistics agree up
-    to re-associated float sums (1 ulp, e.g. 6e-5 on a running_var of 1,175)."""
+    """Weights: max abs diff <= 1e-6 (in practice bit-identical: a resumed run and an uninterrupted one; each ZeRO
+    stage and ZeRO-0). BN running statistics: relative 1e-6, because the SIGUSR1 stop saves off the every_steps
+    schedule, and every save averages BN statistics across ranks in place (as timm does): averaging commutes with
+    the running-average update, so the final statistics agree up to re-associated float sums (1 ulp, e.g. 6e-5 on
+    a running_var of 1,175)."""
     assert a.keys() == b.keys()
     for k in a:
         diff = (a[k].double() - b[k].double()).abs().max().item()

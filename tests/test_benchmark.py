@@ -76,17 +76,3 @@ def test_model_kwargs_go_to_mrconv_models_or_to_the_named_model_only(tmp_path, c
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "'convnext_tiny' is not among --models" in err
 
-
-def test_quickstart_summary_and_plot_title_name_the_benchmarks_device(tmp_path):
-    from pipelines import quickstart
-
-    out = tmp_path / "b.csv"
-    assert bench.main(["--models", "mrconvnext_atto@fused", "mrconvnext_atto@unfused", "convnext_atto", *TINY,
-                       "--no-flops", "--csv", str(out)]) == 0
-    title, line = quickstart.throughput_summary(str(out), "mrconvnext_atto", "convnext_atto")
-    assert "CPU inference throughput" in title and line.startswith("throughput (CPU)")
-    meta = json.loads((tmp_path / "b.csv.json").read_text())
-    (tmp_path / "b.csv.json").write_text(json.dumps(dict(meta, device="NVIDIA H200")))  # as a GPU run writes it
-    title, line = quickstart.throughput_summary(str(out), "mrconvnext_atto", "convnext_atto")
-    assert "NVIDIA H200 inference throughput" in title and "CPU" not in title + line
-    assert line.startswith("throughput (NVIDIA H200) fused") and "x unfused" in line and "x convnext_atto" in line

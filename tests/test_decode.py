@@ -223,16 +223,6 @@ def test_gpu_decode_rejects_randaugment(tmp_path):
                                  decode="gpu", auto_augment="rand-m9-mstd0.5-inc1")
 
 
-def test_config_decode_key():
-    from train.config import ConfigError, load_config
-    assert load_config("fashion_mnist", ["data.dir=x"]).data.decode == "cpu"
-    assert load_config("fashion_mnist", ["data.dir=x", "data.decode=gpu", "data.auto_augment=null"]).data.decode == "gpu"
-    with pytest.raises(ConfigError, match="data.decode must be 'cpu' or 'gpu', got 'tpu'"):
-        load_config("fashion_mnist", ["data.dir=x", "data.decode=tpu"])
-    with pytest.raises(ConfigError, match="data.decode=gpu has no RandAugment"):
-        load_config("fashion_mnist", ["data.dir=x", "data.decode=gpu", "data.auto_augment=rand-m9-mstd0.5"])
-
-
 @pytest.mark.slow
 def test_train_runs_with_gpu_decode_on_cpu(shards, tmp_path):
     """The trainer with data.decode=gpu on a CPU rank: workers read bytes, the rank decodes (PNGs here), trains
@@ -242,13 +232,3 @@ def test_train_runs_with_gpu_decode_on_cpu(shards, tmp_path):
                     nproc=1, timeout=240))
     assert "top1" in out
 
-
-def test_loader_benchmark_reports_gpu_decode_beside_cpu_and_imagefolder(capsys):
-    from pipelines.benchmark import loader as bench
-    assert bench.main(["--num-images", "16", "--batch-size", "4", "--img-size", "32", "--shard-size", "4",
-                       "--workers", "1", "--rounds", "1", "--decode", "gpu"]) == 0
-    out = capsys.readouterr().out
-    rows = {line.split("  ")[0].strip(): line.split() for line in out.splitlines()
-            if line.startswith(("shards", "ImageFolder"))}
-    assert set(rows) == {"shards (ours)", "ImageFolder", "shards, gpu decode"}
-    assert "cores" in out and "gpu decode:" in out and "CPU cores used" in out

@@ -1,0 +1,53 @@
+"""python -m pipelines.benchmark train: real torchrun + DeepSpeed (gloo) launches for 1 and 2 ranks, a MRConvNeXt
+beside its ConvNeXt peer, one timed step each at 32px; the table's figures follow from the JSON it writes."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import timm
+
+import models  # noqa: F401
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.slow
+def test_cli_measures_each_model_and_its_peer_at_each_world_size(tmp_path):
+    results_json = tmp_path / "r.json"
+    proc = subprocess.run([sys.executable, "-m", "pipelines.benchmark", "train", "--models", "mrconvnext_atto",
+                           "--ranks", "1,2", "--batch-size", "2", "--img-size", "32", "--steps", "1", "--warmup", "1",
+                           "--num-classes", "10", "--json", str(results_json)], cwd=ROOT,
+                          env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore"), capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    results = json.loads(results_json.read_text())
+    assert [(r["model"], r["ranks"]) for r in results] == [("mrconvnext_atto", 1), ("mrconvnext_atto", 2),
+                                                           ("convnext_atto", 1), ("convnext_atto", 2)]
+    assert all(r["images_per_sec"] > 0 and r["step_ms"] > 0 for r in results)
+    speed = {(r["model"], r["ranks"]): r["images_per_sec"] for r in results}
+    for r in results:  # the models the workers built: the benchmark's sizes, not the defaults
+        kwargs = {"img_size": 32} if r["model"].startswith("mrconvnext_") else {}
+        model = timm.create_model(r["model"], num_classes=10, **kwargs)
+        assert r["params"] == sum(p.numel() for p in model.parameters()), r
+
+    out = proc.stdout
+    for (name, ranks), images_per_sec in speed.items():
+        assert f"  {name} x{ranks} rank(s): {images_per_sec:.1f} img/s" in out
+    assert "batch 2/rank, 32px, ZeRO-0, fp32, 1 timed steps after 1 warm-up" in out
+    lines = out.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("model "))
+    assert lines[header].split() == ["model", "params", "1", "rank", "img/s", "2", "rank", "img/s", "eff@2",
+                                     "vs", "convnext"]
+    rows = {line.split()[0]: line.split()[1:] for line in lines[header + 2:header + 4]}
+    mrconv, convnext = rows["mrconvnext_atto"], rows["convnext_atto"]
+    for name, row in rows.items():
+        assert row[1:4] == [f"{speed[(name, 1)]:.1f}", f"{speed[(name, 2)]:.1f}",
+                            f"{speed[(name, 2)] / (2 * speed[(name, 1)]):.2f}"], (name, row)
+    assert mrconv[4] == f"{speed[('mrconvnext_atto', 2)] / speed[('convnext_atto', 2)]:.2f}x"
+    assert len(convnext) == 4  # the peer is not compared with itself
+    assert re.fullmatch(r"[\d,]+", mrconv[0]) and int(mrconv[0].replace(",", "")) == results[0]["params"]

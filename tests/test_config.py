@@ -1,0 +1,37 @@
+"""train/config.py: recipes, --set overrides and the batch plan, validated in process (no launch)."""
+from __future__ import annotations
+
+import pytest
+
+from train.config import ConfigError, load_config, plan_batches
+
+
+def test_config_errors_name_the_key():
+    with pytest.raises(ConfigError, match=r"unknown config key 'optim.weigth_decay'; did you mean 'optim.weight_decay'"):
+        load_config("fashion_mnist", ["optim.weigth_decay=0.1"])
+    with pytest.raises(ConfigError, match=r"data.batch_size: expected an integer, got 'big'"):
+        load_config("fashion_mnist", ["data.batch_size=big"])
+    with pytest.raises(ConfigError, match=r"unknown config key 'modle'; did you mean 'model'"):
+        load_config("fashion_mnist", ["modle.name=x"])
+    with pytest.raises(ConfigError, match=r"deepspeed.zero_stage must be 0, 1, 2 or 3"):
+        load_config("fashion_mnist", ["deepspeed.zero_stage=4"])
+    cfg = load_config("fashion_mnist", ["optim.global_batch_size=100", "data.batch_size=16"])
+    with pytest.raises(ConfigError, match=r"16 x 2 = 32"):
+        plan_batches(cfg, world_size=2)
+    cfg = load_config("fashion_mnist", ["optim.global_batch_size=96", "optim.grad_accum_steps=2",
+                                        "data.batch_size=16"])
+    with pytest.raises(ConfigError, match=r"16 x 2 x 2 = 64, but optim.global_batch_size=96"):
+        plan_batches(cfg, world_size=2)
+    cfg = load_config("mrconvnext_tiny")  # 4096 = 128 x accum x 8 -> accum 4; lr 4e-3 at 4096
+    assert plan_batches(cfg, 8).grad_accum_steps == 4
+    assert cfg.optim.lr is None and cfg.optim.base_lr == 4e-3 and cfg.model.drop_path_rate == 0.1
+    assert load_config("mrconvnext_base").model.drop_path_rate == 0.5
+
+
+def test_config_decode_key():
+    assert load_config("fashion_mnist", ["data.dir=x"]).data.decode == "cpu"
+    assert load_config("fashion_mnist", ["data.dir=x", "data.decode=gpu", "data.auto_augment=null"]).data.decode == "gpu"
+    with pytest.raises(ConfigError, match="data.decode must be 'cpu' or 'gpu', got 'tpu'"):
+        load_config("fashion_mnist", ["data.dir=x", "data.decode=tpu"])
+    with pytest.raises(ConfigError, match="data.decode=gpu has no RandAugment"):
+        load_config("fashion_mnist", ["data.dir=x", "data.decode=gpu", "data.auto_augment=rand-m9-mstd0.5"])
