@@ -48,7 +48,7 @@ def idx_ok(path: str, magic: int, count: int) -> bool:
         with gzip.open(path) as f:
             header = f.read(8)
         return int.from_bytes(header[:4], "big") == magic and int.from_bytes(header[4:8], "big") == count
-    except OSError:
+    except (OSError, EOFError):  # EOFError: a truncated .gz
         return False
 
 
@@ -109,9 +109,13 @@ def main(argv: list[str] | None = None) -> int:
     from deepspeed.accelerator import get_accelerator
 
     from pipelines import compare
-    from train.config import load_config
+    from train.config import ConfigError, load_config
 
-    cfg = load_config(args.config, [f"data.dir={args.data}", *args.overrides])
+    try:
+        cfg = load_config(args.config, [f"data.dir={args.data}", *args.overrides])
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     py = sys.executable
     peer = compare.peer_of(cfg.model.name) or cfg.model.name
     # On a GPU the peer costs little next to the MRConvNeXt; on 2 CPU cores it would break the 15-minute demo.

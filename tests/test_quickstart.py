@@ -32,7 +32,8 @@ def test_idx_ok_checks_magic_number_and_count(debian_dir, tmp_path):
     assert not quickstart.idx_ok(labels, 2049, 60000)  # the train split's count
     (tmp_path / "plain").write_bytes(b"not a gzip file")
     (tmp_path / "empty.gz").write_bytes(b"")
-    for path in (tmp_path / "plain", tmp_path / "empty.gz", tmp_path / "missing.gz"):
+    (tmp_path / "cut.gz").write_bytes(open(labels, "rb").read()[:20])  # a half-copied file
+    for path in (tmp_path / "plain", tmp_path / "empty.gz", tmp_path / "missing.gz", tmp_path / "cut.gz"):
         assert not quickstart.idx_ok(str(path), 2049, 10000), path
 
 
@@ -82,6 +83,13 @@ def test_run_shows_the_command_and_stops_the_quickstart_when_it_fails(capfd):
     cmd = [sys.executable, "-c", "raise SystemExit(3)"]
     with pytest.raises(SystemExit, match=rf"^step failed \(exit 3\): {re.escape(shlex.join(cmd))}$"):
         quickstart.run(cmd)
+
+
+def test_a_mistyped_override_is_one_line_and_exit_2(tmp_path, capsys):
+    assert quickstart.main(["--run-dir", str(tmp_path / "run"), "--set", "optim.weigth_decay=1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "weigth_decay" in err and "Traceback" not in err
+    assert not os.listdir(tmp_path)  # nothing started
 
 
 def test_help_lists_the_six_steps(capsys):
