@@ -123,7 +123,7 @@ def test_gpu_decode_is_deterministic_and_resume_exact(tmp_path):
     """data.decode=gpu: nvJPEG decode + crop/flip/normalize/erasing on CUDA. The same epoch twice gives the same
     batches, and a loader resumed mid-epoch (skipping the consumed batches, as train.loop does) gives the rest of
     them bit for bit."""
-    from tests.test_data import write_split
+    from tests.test_loader import write_split
     write_split(tmp_path, "train", [16] * 4, corrupt={(2, 5)})
     loader = _gpu_loader(tmp_path, label_smoothing=0.0)
     loader.set_epoch(1)
@@ -165,7 +165,7 @@ def test_gpu_decode_matches_the_same_pipeline_on_cpu_and_mixes_on_cuda(tmp_path)
     levels = (on_gpu.cpu() - on_cpu).abs() * 0.225 * 255
     assert levels.mean() < 4.0, levels.mean()  # nvJPEG's IDCT and chroma upsampling are not libjpeg's
 
-    from tests.test_data import write_split
+    from tests.test_loader import write_split
     write_split(tmp_path, "train", [16] * 4)
     mixed = _gpu_loader(tmp_path, mixup=0.8, cutmix=1.0, label_smoothing=0.1)
     mixed.set_epoch(0)

@@ -6,7 +6,7 @@ import importlib
 import sys
 
 SUBCOMMANDS = {  # name: (module, what it measures)
-    "layer": ("layer", "MRConv layer: training form vs fused form vs a 7x7 depthwise conv, at the ConvNeXt stage shapes"),
+    "layer": ("layer", "MRConv layer: training form vs fused form vs a 7x7 depthwise conv, at ConvNeXt's stage shapes"),
     "loader": ("loader", "WebDataset loader vs torchvision ImageFolder throughput, and shard writing speed"),
     "models": ("model_speed", "inference (and training) throughput of timm models, timm benchmark.py style, CSV out"),
     "train": ("train_speed", "DeepSpeed training images/s: 1 vs 2 ranks, MRConvNeXt vs ConvNeXt"),

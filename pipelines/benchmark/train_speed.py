@@ -41,8 +41,9 @@ def worker(args: argparse.Namespace) -> int:
     torch.manual_seed(0)
     model = timm.create_model(args.model, num_classes=args.num_classes, **kwargs)
     optimizer = create_optimizer(model, 1e-3, 0.05, (0.9, 0.999), 1e-8)
-    engine = create_engine(model, optimizer, deepspeed_config(
-        DeepSpeedConfig(zero_stage=args.zero_stage, precision=args.precision), BatchPlan(args.batch_size, 1, world.world_size)))
+    section = DeepSpeedConfig(zero_stage=args.zero_stage, precision=args.precision)
+    engine = create_engine(model, optimizer,
+                           deepspeed_config(section, BatchPlan(args.batch_size, 1, world.world_size)))
     device = get_accelerator().current_device_name()
     images = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device)
     target = torch.randint(0, args.num_classes, (args.batch_size,), device=device)

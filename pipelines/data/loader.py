@@ -131,7 +131,8 @@ def read_info(data_dir: str) -> dict:
         raise DataError(str(exc)) from None
     if info is None:
         raise DataError(
-            f"{os.path.join(data_dir, INFO_NAME)} not found: {data_dir} holds no shards written by pipelines.data.shards; "
+            f"{os.path.join(data_dir, INFO_NAME)} not found: {data_dir} holds no shards written by "
+            f"pipelines.data.shards; "
             f"create them with 'python -m pipelines.data.shards imagefolder SRC {data_dir}' or "
             f"'python -m pipelines.data.shards fashion-mnist SRC {data_dir}'")
     return info

@@ -1,4 +1,5 @@
-"""Shard loaders: the assignment math at ImageNet scale, and real loaders with worker processes on tiny shards."""
+"""pipelines.data.loader: the assignment math at ImageNet scale, and real loaders with worker processes on tiny
+shards."""
 from __future__ import annotations
 
 import json
