@@ -14,7 +14,7 @@ import pytest
 from pipelines import quickstart
 from pipelines.benchmark.__main__ import main as benchmark
 from tests.conftest import FASHION_MNIST, require
-from tests.test_benchmark import TINY
+from tests.test_benchmark_models import TINY
 
 
 @pytest.fixture
