@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 
+from pipelines.data.progress import progress as show_progress
 from train import signals
 
 
@@ -45,9 +46,7 @@ def evaluate(model: torch.nn.Module, loader: Iterable, autocast_dtype: torch.dty
                 if autocast_dtype is not None else contextlib.nullcontext())
     batches = signals.shielded(loader)  # its workers ignore the stop signals
     if progress:
-        from tqdm import tqdm
-
-        batches = tqdm(batches, total=total, desc="eval", unit="batch")
+        batches = show_progress(batches, total=total, desc="eval", unit="batch")
     for images, target in batches:
         images = images.to(device, non_blocking=True)
         target = target.to(device, non_blocking=True)

@@ -33,9 +33,9 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
 
 from pipelines.data.files import TMP_SUFFIX, atomic_write, atomic_write_text
+from pipelines.data.progress import progress as show_progress
 
 # The shard folder format this module writes; pipelines.data.loader reads it by the same names.
 INFO_NAME = "_info.json"
@@ -440,8 +440,7 @@ def write_split(source: Source, out: str, *, shard_size: int = 1000, workers: in
     for path, reason in source.skipped:
         log(f"skipped {path}: {reason}")
     skipped = len(source.skipped) + sum(len(items) - lengths[i] for i, items in enumerate(plan) if lengths[i])
-    bar = tqdm(total=sum(len(t[3]) for t in todo), unit="img", desc=source.split, disable=not progress,
-               file=sys.stderr)
+    bar = show_progress(total=sum(len(t[3]) for t in todo), unit="img", desc=source.split, disable=not progress)
     _set_loader(source.load)
     pool = mp.get_context("fork").Pool(workers) if workers > 1 and len(todo) > 1 else None
     try:
@@ -452,8 +451,8 @@ def write_split(source: Source, out: str, *, shard_size: int = 1000, workers: in
             for path, reason in bad:
                 bar.write(f"skipped {path}: {reason}")
             bar.update(len(plan[index]))
-    finally:
         bar.close()
+    finally:
         if pool:
             pool.close()
             pool.join()
@@ -492,7 +491,8 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                         help="writer processes (default: cpu count)")
     common.add_argument("--seed", type=int, default=0, help="seed of the sample shuffle before sharding")
-    common.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    common.add_argument("--no-progress", action="store_true",
+                        help="no progress bar (or progress lines, when the output is not a terminal)")
     folder = sub.add_parser("imagefolder", parents=[common], help="SRC/<class>/<image> or flat SRC + --labels")
     folder.add_argument("--split", default="train", help="split name (default train)")
     folder.add_argument("--labels", help="label file for a flat folder: lines 'filename label-or-wnid'")
