@@ -51,23 +51,20 @@ def factors(n: int) -> tuple[int, int]:
     return n // n2, n2
 
 
-def _dft(n: int, device: torch.device) -> torch.Tensor:
-    j = torch.arange(n, device=device, dtype=torch.float64)
-    return _unit(torch.outer(j, j).remainder(n), n)
+def _unit(exponent: torch.Tensor, n: int, dtype: torch.dtype) -> torch.Tensor:
+    """``exp(-2 pi i e / n)`` as (2, ...) real and imaginary planes, the angle reduced in float64."""
+    angle = exponent.remainder(n) * (-2 * math.pi / n)
+    return torch.stack([angle.cos(), angle.sin()]).to(dtype).contiguous()
 
 
-def _unit(exponent: torch.Tensor, n: int) -> torch.Tensor:
-    """``exp(-2 pi i e / n)`` as (2, ...) fp32 real and imaginary planes, the angle reduced in float64."""
-    angle = exponent * (-2 * math.pi / n)
-    return torch.stack([angle.cos(), angle.sin()]).float().contiguous()
-
-
-def dft_factors(n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``F_N1`` (2, N1, N1), ``F_N2`` (2, N2, N2) and the twiddles ``w_n ** (k1 * t2)`` (2, N1, N2), fp32."""
+def dft_factors(n: int, device: torch.device, dtype: torch.dtype = torch.float32
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``F_N1`` (2, N1, N1), ``F_N2`` (2, N2, N2) and the twiddles ``w_n ** (k1 * t2)`` (2, N1, N2) (the kernel
+    takes fp32; float64 for the tests that check the factorization itself)."""
     n1, n2 = factors(n)
-    k1 = torch.arange(n1, device=device, dtype=torch.float64)
-    t2 = torch.arange(n2, device=device, dtype=torch.float64)
-    return _dft(n1, device), _dft(n2, device), _unit(torch.outer(k1, t2), n)
+    i1, i2 = (torch.arange(m, device=device, dtype=torch.float64) for m in (n1, n2))
+    return (_unit(torch.outer(i1, i1), n1, dtype), _unit(torch.outer(i2, i2), n2, dtype),
+            _unit(torch.outer(i1, i2), n, dtype))
 
 
 def _to_monarch(full: torch.Tensor, n: int) -> torch.Tensor:
