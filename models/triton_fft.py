@@ -1,22 +1,25 @@
 """Depthwise long convolution as one fused FFT per row, the FFT written as matrix products (Triton).
 
-For an FFT size ``n = N1 * N2`` (powers of two, ``N2 <= N1``, each in 16..128) a row ``x`` of the zero-padded input
+For an FFT size ``n = N1 * N2`` (powers of two, ``N2 <= N1``, 256 to 8192) a row ``x`` of the zero-padded input
 is the (N1, N2) matrix ``X[t1, t2] = x[N2 * t1 + t2]``, and the four-step ("Monarch") factorization of its DFT is::
 
     A = F_N1 @ X                      (k1, t2)
     A[k1, t2] *= w_n ** (k1 * t2)     twiddle, w_n = exp(-2 pi i / n)
     B = A @ F_N2                      B[k1, k2] = X_hat[k1 + N1 * k2]
 
-Each program takes one (batch row, channel): it reads the row once in its own dtype, transforms it on chip (fp32
-accumulation), multiplies by the kernel spectrum (precomputed on the host in the same (k1, k2) layout, ``1/n``
-included), runs the inverse four steps back to the row layout (``C = Y @ conj(F_N2)``, conjugate twiddle, real part of
-``conj(F_N1) @ C``), crops to the ``L`` outputs and stores them once, in fp32. Linear, not circular: ``n`` is at least
-``L + max(lf - 1, lb)`` (``kernels.fft_size``), so nothing wraps around.
+Each program makes one output row: it reads its input row once in its own dtype and transforms it on chip (fp32
+accumulation), a block of 16 spectrum rows (k1) at a time: the block of ``X_hat``, times the kernel spectrum
+(precomputed on the host in the same (k1, k2) layout, ``1/n`` included), then its share of the inverse four steps
+(``C = Y @ conj(F_N2)``, conjugate twiddle, real part of ``conj(F_N1)[:, k1] @ C``) added to one real output tile.
+So no full complex (N1, N2) tile is ever live (compiled for sm_90 at n = 8192: 60-80 KB of shared memory; a first
+version holding whole tiles asked for 164-262 KB, past an H100's 227 KB with Triton's default pipelining). The output is cropped to the ``L`` positions and stored once, in fp32.
+Linear, not circular: ``n`` is at least ``L + max(lf - 1, lb)`` (``kernels.fft_size``), so nothing wraps around.
 
-Two modes, as ``triton_toeplitz``: fan-out (``fft_conv``: (B, D, L) -> (B, K, D, L), one forward transform shared by
-the K kernels) and fan-in (``fft_adjoint``: (B, K, D, L) -> (B, D, L), the correlations with the K kernels summed in
-the spectral domain, one inverse transform). The gradient with respect to the spectrum (and so the kernels) stays on
-``torch.fft``: it needs the input's and the gradient's spectra summed over the batch, which is not a per-row kernel.
+Two modes, as ``triton_toeplitz``: fan-out (``fft_conv``: (B, D, L) -> (B, K, D, L), one program per output row, so
+with K kernels the input's transform is computed K times, in parallel) and fan-in (``fft_adjoint``: (B, K, D, L) ->
+(B, D, L), the correlations with the K kernels summed in the spectral domain, one inverse transform). The gradient with
+respect to the spectrum (and so the kernels) stays on ``torch.fft``: it sums the input's and the gradient's spectra
+over the batch, which is not a per-row kernel.
 
 Registered as the custom ops ``mrconv::fft_conv`` and ``mrconv::fft_adjoint`` (fake implementations; autograd on
 ``fft_conv``) so that ``torch.compile`` traces through them. Runs on CUDA, and on CPU tensors under the Triton
@@ -32,8 +35,10 @@ import triton.language as tl
 
 from . import kernels as K
 
-MIN_FACTOR, MAX_FACTOR = 16, 128  # tl.dot tiles are at least 16 wide; 128 x 128 is the register budget of one tile
-MIN_SIZE, MAX_SIZE = MIN_FACTOR * MIN_FACTOR, MAX_FACTOR * MAX_FACTOR
+MIN_FACTOR = 16  # tl.dot tiles are at least 16 wide
+# n = 16384 (128 x 128) compiled for sm_90 asks for 221 KB of shared memory (more than an A100 has) and spills
+# registers on the fp32 path; 8192 (128 x 64) takes 60 KB and covers L = 3136 with full-length kernels
+MIN_SIZE, MAX_SIZE = 256, 8192
 
 
 def monarch_size(length: int, len_fwd: int, len_bwd: int) -> int | None:
@@ -93,106 +98,90 @@ def spectrum_grad(grad: torch.Tensor, x: torch.Tensor, n: int) -> torch.Tensor:
 
 
 @triton.jit
-def _forward_dft(row_ptr, L, f1_ptr, f2_ptr, tw_ptr,
-                 N1: tl.constexpr, N2: tl.constexpr, ROWS: tl.constexpr, BC: tl.constexpr, PREC: tl.constexpr):
-    """X_hat of one zero-padded row, (N1, N2) real and imaginary tiles in the (k1, k2) layout.
-
-    Step 1 and the twiddle run a block of BC columns (t2) at a time and step 2 accumulates each block's share, so only
-    the (N1, N2) result is live in full. Only the first ROWS rows (t1) of X can hold input."""
-    k1 = tl.arange(0, N1)
-    t1 = tl.arange(0, ROWS)
-    k2 = tl.arange(0, N2)
-    cols = tl.arange(0, BC)
-    # F_N1[:, :ROWS]: the rows of X past the input are zero
+def _spectrum_block(x, f1_ptr, f2r, f2i, tw_ptr, k1, t1, t2, N1: tl.constexpr, N2: tl.constexpr,
+                    PREC: tl.constexpr):
+    """Rows ``k1`` (a block) of X_hat in the (k1, k2) layout, from the row's first ROWS rows ``x`` (ROWS, N2) (the
+    rest of the zero-padded row is zero): ``((F_N1[k1, :ROWS] @ x) * twiddle[k1, :]) @ F_N2``."""
     f1 = f1_ptr + k1[:, None] * N1 + t1[None, :]
-    f1r = tl.load(f1)
-    f1i = tl.load(f1 + N1 * N1)
-    br = tl.zeros((N1, N2), dtype=tl.float32)
-    bi = tl.zeros((N1, N2), dtype=tl.float32)
-    for c0 in range(0, N2, BC):
-        t2 = c0 + cols
-        pos = t1[:, None] * N2 + t2[None, :]
-        xc = tl.load(row_ptr + pos, mask=pos < L, other=0.0).to(tl.float32)
-        ar = tl.dot(f1r, xc, input_precision=PREC)
-        ai = tl.dot(f1i, xc, input_precision=PREC)
-        tw = tw_ptr + k1[:, None] * N2 + t2[None, :]
-        twr = tl.load(tw)
-        twi = tl.load(tw + N1 * N2)
-        ar, ai = ar * twr - ai * twi, ar * twi + ai * twr
-        f2 = f2_ptr + t2[:, None] * N2 + k2[None, :]  # rows t2 of F_N2
-        f2r = tl.load(f2)
-        f2i = tl.load(f2 + N2 * N2)
-        br += tl.dot(ar, f2r, input_precision=PREC) - tl.dot(ai, f2i, input_precision=PREC)
-        bi += tl.dot(ar, f2i, input_precision=PREC) + tl.dot(ai, f2r, input_precision=PREC)
+    ar = tl.dot(tl.load(f1), x, input_precision=PREC)
+    ai = tl.dot(tl.load(f1 + N1 * N1), x, input_precision=PREC)
+    tw = tw_ptr + k1[:, None] * N2 + t2[None, :]
+    twr = tl.load(tw)
+    twi = tl.load(tw + N1 * N2)
+    ar, ai = ar * twr - ai * twi, ar * twi + ai * twr
+    br = tl.dot(ar, f2r, input_precision=PREC) - tl.dot(ai, f2i, input_precision=PREC)
+    bi = tl.dot(ar, f2i, input_precision=PREC) + tl.dot(ai, f2r, input_precision=PREC)
     return br, bi
 
 
 @triton.jit
-def _inverse_dft_store(yr, yi, out_ptr, L, f1_ptr, f2_ptr, tw_ptr,
-                       N1: tl.constexpr, N2: tl.constexpr, ROWS: tl.constexpr, BC: tl.constexpr,
-                       PREC: tl.constexpr):
-    """Real part of the inverse transform (the ``1/n`` is in the spectrum) of the (N1, N2) tiles ``yr + i yi``,
-    cropped to the first L positions and stored, a block of BC columns (t2) at a time."""
-    k1 = tl.arange(0, N1)
-    t1 = tl.arange(0, ROWS)
-    k2 = tl.arange(0, N2)
-    cols = tl.arange(0, BC)
-    # conj(F_N1)[:ROWS, :]: only the first ROWS output rows reach L. Re(conj(F) @ C) = F_re @ C_re + F_im @ C_im.
+def _inverse_block(yr, yi, f1_ptr, f2r, f2i, tw_ptr, k1, t1, t2, N1: tl.constexpr, N2: tl.constexpr,
+                   PREC: tl.constexpr):
+    """The share of spectrum rows ``k1`` (a block, ``yr + i yi``) in the real part of the inverse transform's first
+    ROWS rows (the ``1/n`` is in the spectrum): ``Re(conj(F_N1)[:ROWS, k1] @ ((Y @ conj(F_N2)) * conj(twiddle)))``."""
+    cr = tl.dot(yr, f2r, input_precision=PREC) + tl.dot(yi, f2i, input_precision=PREC)
+    ci = tl.dot(yi, f2r, input_precision=PREC) - tl.dot(yr, f2i, input_precision=PREC)
+    tw = tw_ptr + k1[:, None] * N2 + t2[None, :]
+    twr = tl.load(tw)
+    twi = tl.load(tw + N1 * N2)
+    cr, ci = cr * twr + ci * twi, ci * twr - cr * twi
+    # Re((F_re - i F_im) @ (C_re + i C_im)) = F_re @ C_re + F_im @ C_im
     f1 = f1_ptr + t1[:, None] * N1 + k1[None, :]
-    f1r = tl.load(f1)
-    f1i = tl.load(f1 + N1 * N1)
-    for c0 in range(0, N2, BC):
-        t2 = c0 + cols
-        f2 = f2_ptr + k2[:, None] * N2 + t2[None, :]  # columns t2 of conj(F_N2) = f2r - i f2i
-        f2r = tl.load(f2)
-        f2i = tl.load(f2 + N2 * N2)
-        cr = tl.dot(yr, f2r, input_precision=PREC) + tl.dot(yi, f2i, input_precision=PREC)
-        ci = tl.dot(yi, f2r, input_precision=PREC) - tl.dot(yr, f2i, input_precision=PREC)
-        tw = tw_ptr + k1[:, None] * N2 + t2[None, :]  # conjugate twiddle: twr - i twi
-        twr = tl.load(tw)
-        twi = tl.load(tw + N1 * N2)
-        cr, ci = cr * twr + ci * twi, ci * twr - cr * twi
-        out = tl.dot(f1r, cr, input_precision=PREC) + tl.dot(f1i, ci, input_precision=PREC)
-        pos = t1[:, None] * N2 + t2[None, :]
-        tl.store(out_ptr + pos, out, mask=pos < L)
+    return (tl.dot(tl.load(f1), cr, input_precision=PREC)
+            + tl.dot(tl.load(f1 + N1 * N1), ci, input_precision=PREC))
 
 
 @triton.jit
 def _fft_conv_kernel(x_ptr, spec_ptr, f1_ptr, f2_ptr, tw_ptr, y_ptr, B, D, L, NK,
                      SUM_K: tl.constexpr, N1: tl.constexpr, N2: tl.constexpr, ROWS: tl.constexpr,
-                     BC: tl.constexpr, PREC: tl.constexpr):
-    """One (batch row, channel); consecutive programs share the channel, so its spectrum stays in L2.
+                     RB: tl.constexpr, PREC: tl.constexpr):
+    """One output row. The spectrum is produced and consumed a block of RB rows (k1) at a time, and each block's
+    share of the output accumulates in one (ROWS, N2) real tile, so no full complex (N1, N2) tile is ever live. Only
+    the first ROWS rows (t1) of the row's (N1, N2) grid hold input or kept output.
 
-    Fan-out (``SUM_K`` false): x (B, D, L), y (B, NK, D, L), ``y_k = IFFT(X_hat * S_k)``.
-    Fan-in (``SUM_K`` true): x (B, NK, D, L), y (B, D, L), ``y = IFFT(sum_k X_hat_k * conj(S_k))``.
+    Fan-out (``SUM_K`` false): x (B, D, L), y (B, NK, D, L), one program per (b, k, d): ``IFFT(X_hat * S_k)``.
+    Fan-in (``SUM_K`` true): x (B, NK, D, L), y (B, D, L), one program per (b, d): ``IFFT(sum_k X_hat_k * conj(S_k))``.
+    Consecutive programs share (k, d), so that spectrum stays in L2.
     """
     pid = tl.program_id(0)
     b = (pid % B).to(tl.int64)
-    d = (pid // B).to(tl.int64)
-    k1 = tl.arange(0, N1)
-    k2 = tl.arange(0, N2)
-    grid = k1[:, None] * N2 + k2[None, :]
+    rest = (pid // B).to(tl.int64)
+    d = rest % D
+    t1 = tl.arange(0, ROWS)
+    t2 = tl.arange(0, N2)
+    pos = t1[:, None] * N2 + t2[None, :]
+    f2 = f2_ptr + t2[:, None] * N2 + t2[None, :]
+    f2r = tl.load(f2)
+    f2i = tl.load(f2 + N2 * N2)
+    out = tl.zeros((ROWS, N2), dtype=tl.float32)
     if SUM_K:
-        acc_r = tl.zeros((N1, N2), dtype=tl.float32)
-        acc_i = tl.zeros((N1, N2), dtype=tl.float32)
-        for k in range(0, NK):
-            xr, xi = _forward_dft(x_ptr + ((b * NK + k) * D + d) * L, L, f1_ptr, f2_ptr, tw_ptr,
-                                  N1, N2, ROWS, BC, PREC)
-            spec = spec_ptr + (k * D + d) * (2 * N1 * N2) + grid
-            sr = tl.load(spec)
-            si = tl.load(spec + N1 * N2)
-            acc_r += xr * sr + xi * si
-            acc_i += xi * sr - xr * si
-        _inverse_dft_store(acc_r, acc_i, y_ptr + (b * D + d) * L, L, f1_ptr, f2_ptr, tw_ptr,
-                           N1, N2, ROWS, BC, PREC)
+        for r0 in range(0, N1, RB):
+            k1 = r0 + tl.arange(0, RB)
+            acc_r = tl.zeros((RB, N2), dtype=tl.float32)
+            acc_i = tl.zeros((RB, N2), dtype=tl.float32)
+            for k in range(0, NK):
+                x = tl.load(x_ptr + ((b * NK + k) * D + d) * L + pos, mask=pos < L, other=0.0).to(tl.float32)
+                xr, xi = _spectrum_block(x, f1_ptr, f2r, f2i, tw_ptr, k1, t1, t2, N1, N2, PREC)
+                spec = spec_ptr + (k * D + d) * (2 * N1 * N2) + k1[:, None] * N2 + t2[None, :]
+                sr = tl.load(spec)
+                si = tl.load(spec + N1 * N2)
+                acc_r += xr * sr + xi * si
+                acc_i += xi * sr - xr * si
+            out += _inverse_block(acc_r, acc_i, f1_ptr, f2r, f2i, tw_ptr, k1, t1, t2, N1, N2, PREC)
+        y_row = y_ptr + (b * D + d) * L
     else:
-        xr, xi = _forward_dft(x_ptr + (b * D + d) * L, L, f1_ptr, f2_ptr, tw_ptr, N1, N2, ROWS, BC, PREC)
-        for k in range(0, NK):
-            spec = spec_ptr + (k * D + d) * (2 * N1 * N2) + grid
+        k = rest // D
+        x = tl.load(x_ptr + (b * D + d) * L + pos, mask=pos < L, other=0.0).to(tl.float32)
+        for r0 in range(0, N1, RB):
+            k1 = r0 + tl.arange(0, RB)
+            xr, xi = _spectrum_block(x, f1_ptr, f2r, f2i, tw_ptr, k1, t1, t2, N1, N2, PREC)
+            spec = spec_ptr + (k * D + d) * (2 * N1 * N2) + k1[:, None] * N2 + t2[None, :]
             sr = tl.load(spec)
             si = tl.load(spec + N1 * N2)
-            _inverse_dft_store(xr * sr - xi * si, xr * si + xi * sr, y_ptr + ((b * NK + k) * D + d) * L, L,
-                               f1_ptr, f2_ptr, tw_ptr, N1, N2, ROWS, BC, PREC)
+            out += _inverse_block(xr * sr - xi * si, xr * si + xi * sr, f1_ptr, f2r, f2i, tw_ptr, k1, t1, t2,
+                                  N1, N2, PREC)
+        y_row = y_ptr + ((b * NK + k) * D + d) * L
+    tl.store(y_row + pos, out, mask=pos < L)
 
 
 def _launch(x: torch.Tensor, spec: torch.Tensor, dft1: torch.Tensor, dft2: torch.Tensor, twiddle: torch.Tensor,
@@ -203,9 +192,11 @@ def _launch(x: torch.Tensor, spec: torch.Tensor, dft1: torch.Tensor, dft2: torch
     rows = min(n1, max(MIN_FACTOR, triton.next_power_of_2(triton.cdiv(length, n2))))
     # fp32 inputs keep fp32 products (1e-5 of the reference); bf16/fp16 inputs take TF32 tensor cores
     prec = "ieee" if x.dtype in (torch.float32, torch.float64) else "tf32"
-    _fft_conv_kernel[(batch * dim,)](
+    # each program's work is a chain of dependent products: nothing for a software pipeline to overlap, and its
+    # buffers would cost shared memory
+    _fft_conv_kernel[(batch * dim * (1 if sum_k else nk),)](
         x, spec, dft1, dft2, twiddle, y, batch, dim, length, nk, SUM_K=sum_k, N1=n1, N2=n2, ROWS=rows,
-        BC=min(n2, 32), PREC=prec, num_warps=8 if n1 * n2 >= 4096 else 4)
+        RB=MIN_FACTOR, PREC=prec, num_warps=4, num_stages=1)
     return y
 
 
