@@ -81,7 +81,8 @@ def test_conv_adjoint_and_kernel_grad_equal_naive(length, lf, lb, nk, batch, fft
     fwd = torch.randn(nk, dim, lf, dtype=torch.float64, requires_grad=True)
     bwd = None if lb is None else torch.randn(nk, dim, lb, dtype=torch.float64, requires_grad=True)
     ref = torch.stack([naive_conv(u, fwd[i], None if bwd is None else bwd[i]) for i in range(nk)], 1)
-    op = K.LongConv(fwd.detach().float(), None if bwd is None else bwd.detach().float(), length, "triton")
+    op = K.LongConv(fwd.detach().float().to(DEVICE), None if bwd is None else bwd.detach().float().to(DEVICE),
+                    length, "triton")
     assert op.impl == "triton_fft" and op.n == triton_fft.monarch_size(length, lf, lb or 0)
     x = u.detach().float().to(DEVICE)
     assert relative_error(op.conv(op.prepare(x)), ref) <= 1e-5
@@ -102,7 +103,7 @@ def test_half_precision_input_is_read_as_given(dtype, fft_everywhere):
     torch.manual_seed(0)
     u = torch.randn(3, 2, 97, dtype=torch.float64)
     fwd, bwd = torch.randn(2, 2, 97, dtype=torch.float64), torch.randn(2, 2, 96, dtype=torch.float64)
-    op = K.LongConv(fwd.float(), bwd.float(), 97, "triton")
+    op = K.LongConv(fwd.float().to(DEVICE), bwd.float().to(DEVICE), 97, "triton")
     y = op.conv(u.to(DEVICE, dtype))
     assert y.dtype == torch.float32
     ref = torch.stack([naive_conv(u, fwd[i], bwd[i]) for i in range(2)], 1)
@@ -120,7 +121,7 @@ def test_n_8192_equals_torch_fft():
     u = torch.randn(2, dim, length, dtype=torch.float64)
     fwd, bwd = torch.randn(2, dim, length, dtype=torch.float64), torch.randn(2, dim, length - 1, dtype=torch.float64)
     ref_op = K.LongConv(fwd, bwd, length, "fft")
-    op = K.LongConv(fwd.float(), bwd.float(), length, "triton")
+    op = K.LongConv(fwd.float().to(DEVICE), bwd.float().to(DEVICE), length, "triton")
     assert op.impl == "triton_fft" and op.n == 8192
     assert relative_error(op.conv(u.float().to(DEVICE)), ref_op.conv(ref_op.prepare(u))) <= 1e-5
     grad = torch.randn(2, 2, dim, length, dtype=torch.float64)
@@ -139,9 +140,9 @@ def test_custom_op_autograd_matches_torch_fft():
     the kernel taps, against the same convolution on torch.fft; and the op's schema and fake implementation."""
     torch.manual_seed(0)
     length, n = 45, 256
-    x = torch.randn(3, 2, length, requires_grad=True)
-    fwd = torch.randn(2, 2, 30, requires_grad=True)
-    bwd = torch.randn(2, 2, 12, requires_grad=True)
+    x = torch.randn(3, 2, length, device=DEVICE, requires_grad=True)
+    fwd = torch.randn(2, 2, 30, device=DEVICE, requires_grad=True)
+    bwd = torch.randn(2, 2, 12, device=DEVICE, requires_grad=True)
     spec = triton_fft.monarch_spectrum(fwd, bwd, n)
     factors = triton_fft.dft_factors(n, x.device)
     y = triton_fft.fft_conv(x, spec, *factors)
@@ -171,13 +172,13 @@ def launches(monkeypatch):
 
 def test_fused_triton_layer_equals_fft_layer_and_folds_exactly(fft_everywhere, launches):
     torch.manual_seed(0)
-    layer = MRConv(4, 150, 10, conv_impl="triton")
-    layer(torch.randn(3, 4, 150)).sum().backward()  # statistics move
+    layer = MRConv(4, 150, 10, conv_impl="triton").to(DEVICE)
+    layer(torch.randn(3, 4, 150, device=DEVICE)).sum().backward()  # statistics move
     assert launches == {"conv": 2, "adjoint": 0}  # forward, backward's recomputation (no input gradient asked)
     layer.eval()
     fused = copy.deepcopy(layer)
     fused.reparameterize()
-    u = torch.randn(2, 4, 150)
+    u = torch.randn(2, 4, 150, device=DEVICE)
     with torch.no_grad():
         ref, out = layer(u), fused(u)
     assert relative_error(out, ref) <= 1e-5
@@ -191,13 +192,13 @@ def test_fused_triton_layer_equals_fft_layer_and_folds_exactly(fft_everywhere, l
 def test_fused_layer_trains_through_the_spectrum(fft_everywhere, launches):
     """A fused layer whose kernel is trained: the gradient reaches the weight through the op's spectrum gradient."""
     torch.manual_seed(0)
-    layer = MRConv(3, 120, 10, conv_impl="triton", inference_mode=True)
+    layer = MRConv(3, 120, 10, conv_impl="triton", inference_mode=True).to(DEVICE)
     with torch.no_grad():
         layer.weight.normal_()
         layer.bias.normal_()
     fft = copy.deepcopy(layer)
     fft.conv_impl = "fft"
-    u = torch.randn(2, 3, 120)
+    u = torch.randn(2, 3, 120, device=DEVICE)
     x1, x2 = u.clone().requires_grad_(), u.clone().requires_grad_()
     y, y_ref = layer(x1), fft(x2)
     grad = torch.randn_like(y)
@@ -214,11 +215,12 @@ def test_fused_layer_trains_through_the_spectrum(fft_everywhere, launches):
 def test_training_form_with_triton_fft_equals_reference(bidirectional, fft_everywhere, launches):
     """Output, every gradient and the running statistics of a training step at L = 101 (n = 256)."""
     layer = moved_layer("fourier_sparse", bidirectional, "triton", dtype=torch.float32, seq_len=101, l0=13)
-    compare_with_reference(layer, 2 * torch.randn(3, layer.dim, 101) + 0.5, "fft", rtol=1e-4)
+    compare_with_reference(layer.to(DEVICE), 2 * torch.randn(3, layer.dim, 101, device=DEVICE) + 0.5, "fft",
+                           rtol=1e-4)
     assert launches == {"conv": 2, "adjoint": 1}  # forward, and backward's recomputation; the input gradient
 
 
 def test_compile_fullgraph_traces_the_fft_custom_ops(fft_everywhere, launches):
     torch.manual_seed(0)
-    _compiled_forms_match_eager(MRConv(4, 40, 5, conv_impl="triton"), torch.randn(2, 4, 40))
+    _compiled_forms_match_eager(MRConv(4, 40, 5, conv_impl="triton").to(DEVICE), torch.randn(2, 4, 40, device=DEVICE))
     assert launches["conv"] > 0
