@@ -13,7 +13,8 @@ accumulation), a block of 16 spectrum rows (k1) at a time: the block of ``X_hat`
 (``C = Y @ conj(F_N2)``, conjugate twiddle, real part of ``conj(F_N1)[:, k1] @ C``) added to one real output tile.
 So no full complex (N1, N2) tile is ever live (compiled for sm_90 at n = 8192: 60-80 KB of shared memory; a first
 version holding whole tiles asked for 164-262 KB, past an H100's 227 KB with Triton's default pipelining). The
-output is cropped to the ``L`` positions and stored once, in fp32. Linear, not circular: ``n`` is at least ``L + max(lf - 1, lb)`` (``kernels.fft_size``), so nothing wraps around.
+output is cropped to the ``L`` positions and stored once, in fp32. Linear, not circular: ``n`` is at least
+``L + max(lf - 1, lb)`` (``kernels.fft_size``), so nothing wraps around.
 
 Two modes, as ``triton_toeplitz``: fan-out (``fft_conv``: (B, D, L) -> (B, K, D, L), one program per output row, so
 with K kernels the input's transform is computed K times, in parallel) and fan-in (``fft_adjoint``: (B, K, D, L) ->
