@@ -185,20 +185,26 @@ def _fft_conv_kernel(x_ptr, spec_ptr, f1_ptr, f2_ptr, tw_ptr, y_ptr, B, D, L, NK
     tl.store(y_row + pos, out, mask=pos < L)
 
 
+def _meta(n: int, rows: int, dtype: torch.dtype) -> dict:
+    """The kernel's compile-time parameters and launch options for FFT size ``n``, ``rows`` rows of input (t1) and
+    an input of ``dtype``."""
+    n1, n2 = factors(n)
+    # fp32 inputs keep fp32 products (1e-5 of the reference); bf16/fp16 inputs take TF32 tensor cores.
+    # Each program's work is a chain of dependent products: nothing for a software pipeline to overlap, and its
+    # buffers would cost shared memory. 8 warps: compiled for sm_90, the fp32 (FMA) path spills less than with 4
+    # (n = 8192: 680 vs 840 bytes of stack per thread; none at n <= 2048), the TF32 path spills at neither.
+    return dict(N1=n1, N2=n2, ROWS=rows, RB=MIN_FACTOR,
+                PREC="ieee" if dtype in (torch.float32, torch.float64) else "tf32", num_warps=8, num_stages=1)
+
+
 def _launch(x: torch.Tensor, spec: torch.Tensor, dft1: torch.Tensor, dft2: torch.Tensor, twiddle: torch.Tensor,
             sum_k: bool) -> torch.Tensor:
     batch, _, dim, length = x.shape
     nk, n1, n2 = spec.shape[0], spec.shape[-2], spec.shape[-1]
     y = x.new_empty(batch, 1 if sum_k else nk, dim, length, dtype=torch.float32)
     rows = min(n1, max(MIN_FACTOR, triton.next_power_of_2(triton.cdiv(length, n2))))
-    # fp32 inputs keep fp32 products (1e-5 of the reference); bf16/fp16 inputs take TF32 tensor cores
-    prec = "ieee" if x.dtype in (torch.float32, torch.float64) else "tf32"
-    # Each program's work is a chain of dependent products: nothing for a software pipeline to overlap, and its
-    # buffers would cost shared memory. 8 warps: compiled for sm_90, the fp32 (FMA) path spills less than with 4
-    # (n = 8192: 680 vs 840 bytes of stack per thread; none at n <= 2048), the TF32 path spills at neither.
     _fft_conv_kernel[(batch * dim * (1 if sum_k else nk),)](
-        x, spec, dft1, dft2, twiddle, y, batch, dim, length, nk, SUM_K=sum_k, N1=n1, N2=n2, ROWS=rows,
-        RB=MIN_FACTOR, PREC=prec, num_warps=8, num_stages=1)
+        x, spec, dft1, dft2, twiddle, y, batch, dim, length, nk, SUM_K=sum_k, **_meta(n1 * n2, rows, x.dtype))
     return y
 
 

@@ -224,3 +224,40 @@ def test_compile_fullgraph_traces_the_fft_custom_ops(fft_everywhere, launches):
     torch.manual_seed(0)
     _compiled_forms_match_eager(MRConv(4, 40, 5, conv_impl="triton").to(DEVICE), torch.randn(2, 4, 40, device=DEVICE))
     assert launches["conv"] > 0
+
+
+_COMPILE_FOR_SM90 = r"""
+import json, torch, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler.compiler import ASTSource
+from models import triton_fft as T
+kernel = T._fft_conv_kernel
+rows = T.factors(T.MAX_SIZE)[0]
+shared = {}
+for dtype, sum_k in (("fp32", False), ("bf16", True)):
+    consts = T._meta(T.MAX_SIZE, rows, getattr(torch, {"fp32": "float32", "bf16": "bfloat16"}[dtype]))
+    options = {key: consts.pop(key) for key in ("num_warps", "num_stages")}
+    consts["SUM_K"] = sum_k
+    sig = {name: "constexpr" if name in consts else "i32" if name in ("B", "D", "L", "NK") else
+           f"*{dtype}" if name == "x_ptr" else "*fp32" for name in kernel.arg_names}
+    compiled = triton.compile(ASTSource(kernel, sig, consts), target=GPUTarget("cuda", 90, 32), options=options)
+    shared[dtype] = compiled.metadata.shared
+print(json.dumps(shared))
+"""
+
+
+def test_kernel_compiles_for_sm90_within_an_a100s_shared_memory():
+    """The interpreter runs what a GPU compiler may refuse (tile shapes, types, resources). Compiled here for sm_90 by
+    Triton's own compiler and ptxas, no GPU needed, at the largest size with every row holding input: fp32 fan-out
+    and bf16 fan-in ask for at most an A100's 163 KB of shared memory per block (an H100 has 227 KB)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    run = subprocess.run([sys.executable, "-c", _COMPILE_FOR_SM90], cwd=root, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    shared = json.loads(run.stdout.strip().splitlines()[-1])
+    assert set(shared) == {"fp32", "bf16"} and max(shared.values()) <= 163 * 1024, shared
