@@ -20,6 +20,10 @@ import torch
 import torch.nn.functional as F
 
 KERNEL_TYPES = ("dilated", "fourier", "sparse", "fourier_sparse", "dense")
+# impl="triton": Toeplitz tiles generated on chip (models/triton_toeplitz.py) up to this length, where the O(L^2)
+# product still costs about a depthwise conv on tensor cores (FIELD_NOTES: bf16 Toeplitz bmm at L = 784 on an H100),
+# the fused FFT kernel (models/triton_fft.py) above. Not yet measured with the Triton kernels themselves.
+TRITON_MAX_LEN = 784
 
 
 def num_resolutions(seq_len: int, l0: int, max_resolutions: int | None = None) -> int:
@@ -67,15 +71,20 @@ def truncate(kernels: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.T
     return fwd, bwd
 
 
-def kernel_spectrum(fwd: torch.Tensor, bwd: torch.Tensor | None, n: int) -> torch.Tensor:
-    """``rfft`` of the circular layout of a (forward, backward) kernel pair: forward taps at ``0..``, backward taps
-    wrapped to the end (index ``n - 1 - j`` holds ``kb[j]``, lag ``-(j + 1)``)."""
+def circular_kernel(fwd: torch.Tensor, bwd: torch.Tensor | None, n: int) -> torch.Tensor:
+    """The circular layout of a (forward, backward) kernel pair on ``n`` points: forward taps at ``0..``, backward
+    taps wrapped to the end (index ``n - 1 - j`` holds ``kb[j]``, lag ``-(j + 1)``)."""
     parts = [fwd]
     used = fwd.shape[-1] + (0 if bwd is None else bwd.shape[-1])
     parts.append(fwd.new_zeros(*fwd.shape[:-1], n - used))
     if bwd is not None:
         parts.append(bwd.flip(-1))
-    return torch.fft.rfft(torch.cat(parts, dim=-1), n=n)
+    return torch.cat(parts, dim=-1)
+
+
+def kernel_spectrum(fwd: torch.Tensor, bwd: torch.Tensor | None, n: int) -> torch.Tensor:
+    """``rfft`` of the circular layout (``circular_kernel``) of a (forward, backward) kernel pair."""
+    return torch.fft.rfft(circular_kernel(fwd, bwd, n), n=n)
 
 
 def toeplitz(fwd: torch.Tensor, bwd: torch.Tensor | None, seq_len: int) -> torch.Tensor:
@@ -114,18 +123,28 @@ class LongConv:
     """K depthwise linear convolutions of a length-L input and the two adjoints a hand-written backward needs.
 
     ``fwd`` (K, D, lf) and ``bwd`` (K, D, lb) or None are kernels already truncated to L (``truncate``). ``impl``:
-    ``fft`` (a spectrum of FFT size ``n``), ``toeplitz`` (per-channel Toeplitz matrices) or ``triton`` (Toeplitz
-    tiles generated on the fly from the lag vectors, ``models.triton_toeplitz``). Inputs go through ``prepare``
-    once (their spectrum, or themselves), so a backward that needs the input twice transforms it once.
+    ``fft`` (a spectrum of FFT size ``n``), ``toeplitz`` (per-channel Toeplitz matrices) or ``triton``: up to
+    ``TRITON_MAX_LEN`` Toeplitz tiles generated on the fly from the lag vectors (``models.triton_toeplitz``), above it
+    the fused FFT kernel (``models.triton_fft``; ``self.impl`` then reads ``triton_fft``). Inputs go through
+    ``prepare`` once (their spectrum, or themselves), so a backward that needs the input twice transforms it once.
     """
 
     def __init__(self, fwd: torch.Tensor, bwd: torch.Tensor | None, length: int, impl: str) -> None:
         self.length, self.len_fwd = length, fwd.shape[-1]
         self.has_bwd, self.len_bwd = bwd is not None, 0 if bwd is None else bwd.shape[-1]
         self.impl, self.n = impl, 0
-        if impl == "toeplitz":
+        if impl == "triton" and length > TRITON_MAX_LEN:
+            from . import triton_fft
+            n = triton_fft.monarch_size(length, self.len_fwd, self.len_bwd)
+            # sizes past triton_fft.MAX_SIZE (8192: L above 4096 with full-length kernels) stay on torch.fft
+            self.impl = "fft" if n is None else "triton_fft"
+        if self.impl == "toeplitz":
             self.operator = toeplitz(fwd, bwd, length)
-        elif impl == "triton":
+        elif self.impl == "triton_fft":
+            self.n = n
+            self.operator = triton_fft.monarch_spectrum(fwd, bwd, n)
+            self.dft = triton_fft.dft_factors(n, fwd.device)
+        elif self.impl == "triton":
             from . import triton_toeplitz
             self.operator = triton_toeplitz.lag_vectors(fwd, bwd, length)
             self.span = (-self.len_bwd, self.len_fwd - 1)
@@ -144,6 +163,9 @@ class LongConv:
         if self.impl == "triton":
             from . import triton_toeplitz
             return triton_toeplitz.toeplitz_conv(x, self.operator, *self.span)
+        if self.impl == "triton_fft":
+            from . import triton_fft
+            return triton_fft.fft_conv(x, self.operator, *self.dft)
         return torch.fft.irfft(x.unsqueeze(1) * self.operator, n=self.n)[..., : self.length]
 
     def adjoint(self, dc: torch.Tensor) -> torch.Tensor:
@@ -167,9 +189,14 @@ class LongConv:
             if input_grad:
                 grad_u = torch.fft.irfft((dc_f * self.operator.conj()).sum(dim=1), n=self.n)[..., :length]
             if x is not None:
-                corr = torch.fft.irfft((dc_f * x.conj().unsqueeze(1)).sum(dim=0), n=self.n)
-                fwd = corr[..., : self.len_fwd]  # lag j at index j, lag -(j+1) at index n-1-j
-                bwd = corr[..., self.n - self.len_bwd:].flip(-1)
+                fwd, bwd = self._spectral_kernel_grad(dc_f, x)
+            return grad_u, fwd, (bwd if self.has_bwd else None)
+        if self.impl == "triton_fft":
+            from . import triton_fft
+            if input_grad:
+                grad_u = triton_fft.fft_adjoint(dc, self.operator, *self.dft)
+            if x is not None:  # a sum over the batch, not a per-row transform: left to torch.fft
+                fwd, bwd = self._spectral_kernel_grad(torch.fft.rfft(dc, n=self.n), torch.fft.rfft(x, n=self.n))
             return grad_u, fwd, (bwd if self.has_bwd else None)
         if input_grad and self.impl == "triton":
             from . import triton_toeplitz
@@ -185,6 +212,11 @@ class LongConv:
             bwd = lags[..., length - 1 - self.len_bwd: length - 1].flip(-1)
         return grad_u, fwd, (bwd if self.has_bwd else None)
 
+    def _spectral_kernel_grad(self, dc_f: torch.Tensor, x_f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The kernel gradients from the spectra of ``dc`` (B, K, D, n//2+1) and the input (B, D, n//2+1)."""
+        corr = torch.fft.irfft((dc_f * x_f.conj().unsqueeze(1)).sum(dim=0), n=self.n)
+        # lag j at index j, lag -(j+1) at index n-1-j
+        return corr[..., : self.len_fwd], corr[..., self.n - self.len_bwd:].flip(-1)
 
 
 def dilated_dense(taps: torch.Tensor, dilation: int, length: int) -> torch.Tensor:

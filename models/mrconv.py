@@ -25,10 +25,6 @@ TOEPLITZ_MAX_LEN = {"cpu": 128, "cuda": 256}
 # 49 0.87x, 16 0.75x, 4 0.99x of the Toeplitz time; only L=64 went the other way, 1.15x), so CPU trains with FFTs.
 # CUDA keeps the inference threshold until a GPU measurement says otherwise.
 TOEPLITZ_MAX_LEN_TRAIN = {"cpu": 0, "cuda": 256}
-# conv_impl="triton": Toeplitz tiles generated on chip (models/triton_toeplitz.py) up to this length, where the
-# O(L^2) product still costs about a depthwise conv on tensor cores (FIELD_NOTES: bf16 Toeplitz bmm at L = 784 on an
-# H100), FFT above. Not yet measured with the Triton kernel itself.
-TRITON_MAX_LEN = 784
 CONV_IMPLS = ("auto", "fft", "toeplitz", "triton")
 # The layer's kernel parameters and branch weights (no weight decay; the optional kernel learning rate). The
 # per-branch BatchNorm is not among them: it is an ordinary norm layer.
@@ -51,7 +47,7 @@ class MRConv(nn.Module):
         seed: seed of the sparse tap positions (a buffer saved with the model, never resampled).
         conv_impl: ``auto`` (Toeplitz matmul up to ``TOEPLITZ_MAX_LEN`` of the device type, FFT above; in training
             ``TOEPLITZ_MAX_LEN_TRAIN``), ``fft``, ``toeplitz`` or ``triton`` (Triton Toeplitz tiles up to
-            ``TRITON_MAX_LEN``, FFT above; CUDA, or CPU under ``TRITON_INTERPRET=1``).
+            ``kernels.TRITON_MAX_LEN``, the fused Triton FFT above; CUDA, or CPU under ``TRITON_INTERPRET=1``).
         inference_mode: build the fused single-kernel form directly (to load a fused ``state_dict``).
         device, dtype: where and in which dtype the parameters are created (timm's factory keywords).
     """
@@ -84,7 +80,7 @@ class MRConv(nn.Module):
             raise ValueError(f"MRConv: conv_impl must be one of {', '.join(CONV_IMPLS)}, got {conv_impl!r}")
         if conv_impl == "triton":
             # imported here, not first inside a forward that torch.compile may be tracing
-            from . import triton_toeplitz  # noqa: F401
+            from . import triton_fft, triton_toeplitz  # noqa: F401
         self.dim, self.seq_len, self.l0 = dim, seq_len, l0
         self.kernel_type, self.bidirectional, self.conv_impl = kernel_type, bidirectional, conv_impl
         self.dirs = 2 if bidirectional else 1
@@ -192,10 +188,8 @@ class MRConv(nn.Module):
     # ------------------------------------------------------------------------------------------------- forward
     def _impl(self, length: int, device: torch.device, training: bool = False) -> str:
         """How to convolve a length-``length`` input: ``fft``, ``toeplitz`` or ``triton`` (``kernels.LongConv``)."""
-        if self.conv_impl in ("fft", "toeplitz"):
+        if self.conv_impl in ("fft", "toeplitz", "triton"):  # LongConv picks the Triton kernel by length
             return self.conv_impl
-        if self.conv_impl == "triton":
-            return "triton" if length <= TRITON_MAX_LEN else "fft"
         table = TOEPLITZ_MAX_LEN_TRAIN if training else TOEPLITZ_MAX_LEN
         return "toeplitz" if length <= table.get(device.type, table["cpu"]) else "fft"
 
@@ -225,8 +219,9 @@ class MRConv(nn.Module):
             length = int(u.shape[-1])
             if self.inference_mode:
                 op = self._fused_operator(length)
-                # the Triton tiles take bf16/fp16 as given (fp32 accumulation, as a depthwise conv under autocast)
-                x = u if op.impl == "triton" else u.to(torch.promote_types(self.weight.dtype, torch.float32))
+                # the Triton kernels take bf16/fp16 as given (fp32 accumulation, as a depthwise conv under autocast)
+                on_triton = op.impl in ("triton", "triton_fft")
+                x = u if on_triton else u.to(torch.promote_types(self.weight.dtype, torch.float32))
                 y = op.conv(op.prepare(x))[:, 0] + self.bias[:, None]
             else:
                 impl = self._impl(length, u.device, training=self.training)

@@ -11,6 +11,7 @@ import torch
 
 import models  # noqa: F401
 from models import MRConv
+from models import kernels as K
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CI has none)")
 
@@ -70,10 +71,11 @@ def test_bf16_autocast_trains_a_batchnorm_model_on_cuda():
     assert (out.float() - ref).abs().max() <= 5e-2 * ref.abs().max()  # bf16 matmuls, fp32 FFTs
 
 
-@pytest.mark.parametrize("length, l0", [(784, 49), (196, 28), (49, 28)])
+@pytest.mark.parametrize("length, l0", [(3136, 196), (784, 49), (196, 28), (49, 28)])
 def test_triton_training_form_equals_the_reference_at_stage_shapes(length, l0):
-    """The Triton Toeplitz kernels compiled on the GPU, at the ConvNeXt-T stage lengths: output, every gradient
-    and the running statistics against the old implementation (fp32, tensor cores in IEEE mode)."""
+    """The Triton kernels compiled on the GPU, at the ConvNeXt-T stage lengths (the FFT kernel at 3136, Toeplitz
+    tiles below): output, every gradient and the running statistics against the old implementation (fp32, IEEE
+    products)."""
     from .mrconv_reference import reference_forward
 
     torch.manual_seed(0)
@@ -110,6 +112,33 @@ def test_triton_fused_bf16_is_as_close_as_a_bf16_depthwise_conv():
             dw_out = dw(x2d)
     err = (out.float() - ref).abs().max() / ref.abs().max()
     dw_err = (dw_out.float() - dw_ref).abs().max() / dw_ref.abs().max()
+    assert err <= 4 * dw_err + 1e-3, (err, dw_err)
+
+
+@pytest.mark.parametrize("length, l0, dim", [(3136, 196, 96), (784, 49, 192)])
+def test_triton_fft_fused_layer_at_stage_shapes(length, l0, dim, monkeypatch):
+    """The fused FFT kernel compiled on the GPU at the first two ConvNeXt-T stage shapes (n = 8192 and 2048; at 784
+    the threshold is lowered, Toeplitz tiles take it by default): fp32 within 1e-5 of conv_impl="fft", a bf16 input
+    (bf16 output) within the bound the Toeplitz test above gives a 7x7 depthwise conv under bf16 autocast."""
+    monkeypatch.setattr(K, "TRITON_MAX_LEN", 0)
+    torch.manual_seed(0)
+    layer = MRConv(dim, length, l0, conv_impl="triton").cuda().eval()
+    layer.reparameterize()
+    fft = copy.deepcopy(layer)
+    fft.conv_impl = "fft"
+    side = int(length ** 0.5)
+    x = torch.randn(8, dim, length, device="cuda")
+    dw = torch.nn.Conv2d(dim, dim, 7, padding=3, groups=dim).cuda()
+    with torch.inference_mode():
+        ref, out = fft(x), layer(x)
+        assert layer._cache[1].impl == "triton_fft"
+        assert (out - ref).abs().max() <= 1e-5 * ref.abs().max()
+        half = layer(x.bfloat16())  # MRConv turns autocast off inside: a bf16 input is what reaches the kernel
+        dw_ref = dw(x.view(8, dim, side, side))
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            dw_half = dw(x.view(8, dim, side, side))
+    err = (half.float() - ref).abs().max() / ref.abs().max()
+    dw_err = (dw_half.float() - dw_ref).abs().max() / dw_ref.abs().max()
     assert err <= 4 * dw_err + 1e-3, (err, dw_err)
 
 

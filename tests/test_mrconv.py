@@ -343,10 +343,11 @@ def test_wrong_input_shape_raises_value_error(shape):
 
 
 # ------------------------------------------------------------------------------------- the training form (issue 11)
-def moved_layer(kernel_type: str, bidirectional: bool, impl: str, dtype=torch.float64, dim=4, seed=0) -> MRConv:
+def moved_layer(kernel_type: str, bidirectional: bool, impl: str, dtype=torch.float64, dim=4, seed=0,
+                seq_len=40, l0=5) -> MRConv:
     """A layer in train mode whose BatchNorm affine, running statistics and ``alpha`` are far from their init."""
     torch.manual_seed(seed)
-    layer = MRConv(dim, 40, 5, kernel_type=kernel_type, bidirectional=bidirectional, conv_impl=impl, seed=seed)
+    layer = MRConv(dim, seq_len, l0, kernel_type=kernel_type, bidirectional=bidirectional, conv_impl=impl, seed=seed)
     layer = layer.to(dtype)
     with torch.no_grad():
         layer.norm.running_mean.normal_()

@@ -1,0 +1,249 @@
+"""Depthwise long convolution as one fused FFT per row, the FFT written as matrix products (Triton).
+
+For an FFT size ``n = N1 * N2`` (powers of two, ``N2 <= N1``, 256 to 8192) a row ``x`` of the zero-padded input
+is the (N1, N2) matrix ``X[t1, t2] = x[N2 * t1 + t2]``, and the four-step ("Monarch") factorization of its DFT is::
+
+    A = F_N1 @ X                      (k1, t2)
+    A[k1, t2] *= w_n ** (k1 * t2)     twiddle, w_n = exp(-2 pi i / n)
+    B = A @ F_N2                      B[k1, k2] = X_hat[k1 + N1 * k2]
+
+Each program makes one output row: it reads its input row once in its own dtype and transforms it on chip (fp32
+accumulation), a block of 16 spectrum rows (k1) at a time: the block of ``X_hat``, times the kernel spectrum
+(precomputed on the host in the same (k1, k2) layout, ``1/n`` included), then its share of the inverse four steps
+(``C = Y @ conj(F_N2)``, conjugate twiddle, real part of ``conj(F_N1)[:, k1] @ C``) added to one real output tile.
+So no full complex (N1, N2) tile is ever live (compiled for sm_90 at n = 8192: 60-80 KB of shared memory; a first
+version holding whole tiles asked for 164-262 KB, past an H100's 227 KB with Triton's default pipelining). The
+output is cropped to the ``L`` positions and stored once, in fp32. Linear, not circular: ``n`` is at least
+``L + max(lf - 1, lb)`` (``kernels.fft_size``), so nothing wraps around.
+
+Two modes, as ``triton_toeplitz``: fan-out (``fft_conv``: (B, D, L) -> (B, K, D, L), one program per output row, so
+with K kernels the input's transform is computed K times, in parallel) and fan-in (``fft_adjoint``: (B, K, D, L) ->
+(B, D, L), the correlations with the K kernels summed in the spectral domain, one inverse transform). The gradient with
+respect to the spectrum (and so the kernels) stays on ``torch.fft``: it sums the input's and the gradient's spectra
+over the batch, which is not a per-row kernel.
+
+Registered as the custom ops ``mrconv::fft_conv`` and ``mrconv::fft_adjoint`` (fake implementations; autograd on
+``fft_conv``) so that ``torch.compile`` traces through them. Runs on CUDA, and on CPU tensors under the Triton
+interpreter (``TRITON_INTERPRET=1`` set before this module is imported), which is how the tests check it without a GPU.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from . import kernels as K
+
+MIN_FACTOR = 16  # tl.dot tiles are at least 16 wide
+# n = 16384 (128 x 128) compiled for sm_90 asks for 221 KB of shared memory (more than an A100 has) and spills
+# registers on the fp32 path; 8192 (128 x 64) takes 60 KB and covers L = 3136 with full-length kernels
+MIN_SIZE, MAX_SIZE = 256, 8192
+
+
+def monarch_size(length: int, len_fwd: int, len_bwd: int) -> int | None:
+    """The power-of-two FFT size with no wrap-around (``kernels.fft_size``'s bound), at least ``MIN_SIZE``; None
+    above ``MAX_SIZE`` (the caller then uses ``torch.fft``)."""
+    need = int(length) + max(int(len_fwd) - 1, int(len_bwd))
+    n = max(1 << (need - 1).bit_length(), MIN_SIZE)
+    return n if n <= MAX_SIZE else None
+
+
+def factors(n: int) -> tuple[int, int]:
+    """``n = N1 * N2`` with ``N1 >= N2``: the N1 side is contracted once per direction, the N2 side twice (four
+    real products), so the larger factor belongs to N1."""
+    n2 = 1 << ((n.bit_length() - 1) // 2)
+    return n // n2, n2
+
+
+def _unit(exponent: torch.Tensor, n: int, dtype: torch.dtype) -> torch.Tensor:
+    """``exp(-2 pi i e / n)`` as (2, ...) real and imaginary planes, the angle reduced in float64."""
+    angle = exponent.remainder(n) * (-2 * math.pi / n)
+    return torch.stack([angle.cos(), angle.sin()]).to(dtype).contiguous()
+
+
+def dft_factors(n: int, device: torch.device, dtype: torch.dtype = torch.float32
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``F_N1`` (2, N1, N1), ``F_N2`` (2, N2, N2) and the twiddles ``w_n ** (k1 * t2)`` (2, N1, N2) (the kernel
+    takes fp32; float64 for the tests that check the factorization itself)."""
+    n1, n2 = factors(n)
+    i1, i2 = (torch.arange(m, device=device, dtype=torch.float64) for m in (n1, n2))
+    return (_unit(torch.outer(i1, i1), n1, dtype), _unit(torch.outer(i2, i2), n2, dtype),
+            _unit(torch.outer(i1, i2), n, dtype))
+
+
+def _to_monarch(full: torch.Tensor, n: int) -> torch.Tensor:
+    """A full spectrum (..., n), complex, -> (..., 2, N1, N2) real planes with ``[k1, k2] = full[k1 + N1 * k2]``."""
+    n1, n2 = factors(n)
+    grid = full.reshape(*full.shape[:-1], n2, n1).transpose(-1, -2)
+    return torch.stack([grid.real, grid.imag], dim=-3)
+
+
+def monarch_spectrum(fwd: torch.Tensor, bwd: torch.Tensor | None, n: int) -> torch.Tensor:
+    """The kernels' spectrum in the kernel's layout: (K, D, lf), (K, D, lb) -> (K, D, 2, N1, N2) fp32, divided by
+    ``n`` (the inverse transform's scale). Differentiable (plain ``torch.fft``)."""
+    spectrum = torch.fft.fft(K.circular_kernel(fwd, bwd, n), n=n) / n
+    return _to_monarch(spectrum, n).float().contiguous()
+
+
+def spectrum_grad(grad: torch.Tensor, x: torch.Tensor, n: int) -> torch.Tensor:
+    """Gradient of ``fft_conv(x, spectrum)`` with respect to the spectrum's real and imaginary planes.
+
+    ``y[t] = Re(sum_k S[k] X[k] exp(2 pi i k t / n))``, so with ``P[k] = sum_b X[k] conj(G[k])`` (``G`` the FFT of the
+    output gradient): ``d S_re = Re P``, ``d S_im = -Im P``. (B, K, D, L) and (B, D, L) -> (K, D, 2, N1, N2).
+    """
+    x_f = torch.fft.fft(x.float(), n=n).unsqueeze(1)
+    g_f = torch.fft.fft(grad.float(), n=n)
+    return _to_monarch((g_f * x_f.conj()).sum(dim=0), n)  # conj(P): real part Re P, imaginary part -Im P
+
+
+@triton.jit
+def _spectrum_block(x, f1_ptr, f2r, f2i, tw_ptr, k1, t1, t2, N1: tl.constexpr, N2: tl.constexpr,
+                    PREC: tl.constexpr):
+    """Rows ``k1`` (a block) of X_hat in the (k1, k2) layout, from the row's first ROWS rows ``x`` (ROWS, N2) (the
+    rest of the zero-padded row is zero): ``((F_N1[k1, :ROWS] @ x) * twiddle[k1, :]) @ F_N2``."""
+    f1 = f1_ptr + k1[:, None] * N1 + t1[None, :]
+    ar = tl.dot(tl.load(f1), x, input_precision=PREC)
+    ai = tl.dot(tl.load(f1 + N1 * N1), x, input_precision=PREC)
+    tw = tw_ptr + k1[:, None] * N2 + t2[None, :]
+    twr = tl.load(tw)
+    twi = tl.load(tw + N1 * N2)
+    ar, ai = ar * twr - ai * twi, ar * twi + ai * twr
+    br = tl.dot(ar, f2r, input_precision=PREC) - tl.dot(ai, f2i, input_precision=PREC)
+    bi = tl.dot(ar, f2i, input_precision=PREC) + tl.dot(ai, f2r, input_precision=PREC)
+    return br, bi
+
+
+@triton.jit
+def _inverse_block(yr, yi, f1_ptr, f2r, f2i, tw_ptr, k1, t1, t2, N1: tl.constexpr, N2: tl.constexpr,
+                   PREC: tl.constexpr):
+    """The share of spectrum rows ``k1`` (a block, ``yr + i yi``) in the real part of the inverse transform's first
+    ROWS rows (the ``1/n`` is in the spectrum): ``Re(conj(F_N1)[:ROWS, k1] @ ((Y @ conj(F_N2)) * conj(twiddle)))``."""
+    cr = tl.dot(yr, f2r, input_precision=PREC) + tl.dot(yi, f2i, input_precision=PREC)
+    ci = tl.dot(yi, f2r, input_precision=PREC) - tl.dot(yr, f2i, input_precision=PREC)
+    tw = tw_ptr + k1[:, None] * N2 + t2[None, :]
+    twr = tl.load(tw)
+    twi = tl.load(tw + N1 * N2)
+    cr, ci = cr * twr + ci * twi, ci * twr - cr * twi
+    # Re((F_re - i F_im) @ (C_re + i C_im)) = F_re @ C_re + F_im @ C_im
+    f1 = f1_ptr + t1[:, None] * N1 + k1[None, :]
+    return (tl.dot(tl.load(f1), cr, input_precision=PREC)
+            + tl.dot(tl.load(f1 + N1 * N1), ci, input_precision=PREC))
+
+
+@triton.jit
+def _fft_conv_kernel(x_ptr, spec_ptr, f1_ptr, f2_ptr, tw_ptr, y_ptr, B, D, L, NK,
+                     SUM_K: tl.constexpr, N1: tl.constexpr, N2: tl.constexpr, ROWS: tl.constexpr,
+                     RB: tl.constexpr, PREC: tl.constexpr):
+    """One output row. The spectrum is produced and consumed a block of RB rows (k1) at a time, and each block's
+    share of the output accumulates in one (ROWS, N2) real tile, so no full complex (N1, N2) tile is ever live. Only
+    the first ROWS rows (t1) of the row's (N1, N2) grid hold input or kept output.
+
+    Fan-out (``SUM_K`` false): x (B, D, L), y (B, NK, D, L), one program per (b, k, d): ``IFFT(X_hat * S_k)``.
+    Fan-in (``SUM_K`` true): x (B, NK, D, L), y (B, D, L), one program per (b, d): ``IFFT(sum_k X_hat_k * conj(S_k))``.
+    Consecutive programs share (k, d), so that spectrum stays in L2.
+    """
+    pid = tl.program_id(0)
+    b = (pid % B).to(tl.int64)
+    rest = (pid // B).to(tl.int64)
+    d = rest % D
+    t1 = tl.arange(0, ROWS)
+    t2 = tl.arange(0, N2)
+    pos = t1[:, None] * N2 + t2[None, :]
+    f2 = f2_ptr + t2[:, None] * N2 + t2[None, :]
+    f2r = tl.load(f2)
+    f2i = tl.load(f2 + N2 * N2)
+    out = tl.zeros((ROWS, N2), dtype=tl.float32)
+    if SUM_K:
+        for r0 in range(0, N1, RB):
+            k1 = r0 + tl.arange(0, RB)
+            acc_r = tl.zeros((RB, N2), dtype=tl.float32)
+            acc_i = tl.zeros((RB, N2), dtype=tl.float32)
+            for k in range(0, NK):
+                x = tl.load(x_ptr + ((b * NK + k) * D + d) * L + pos, mask=pos < L, other=0.0).to(tl.float32)
+                xr, xi = _spectrum_block(x, f1_ptr, f2r, f2i, tw_ptr, k1, t1, t2, N1, N2, PREC)
+                spec = spec_ptr + (k * D + d) * (2 * N1 * N2) + k1[:, None] * N2 + t2[None, :]
+                sr = tl.load(spec)
+                si = tl.load(spec + N1 * N2)
+                acc_r += xr * sr + xi * si
+                acc_i += xi * sr - xr * si
+            out += _inverse_block(acc_r, acc_i, f1_ptr, f2r, f2i, tw_ptr, k1, t1, t2, N1, N2, PREC)
+        y_row = y_ptr + (b * D + d) * L
+    else:
+        k = rest // D
+        x = tl.load(x_ptr + (b * D + d) * L + pos, mask=pos < L, other=0.0).to(tl.float32)
+        for r0 in range(0, N1, RB):
+            k1 = r0 + tl.arange(0, RB)
+            xr, xi = _spectrum_block(x, f1_ptr, f2r, f2i, tw_ptr, k1, t1, t2, N1, N2, PREC)
+            spec = spec_ptr + (k * D + d) * (2 * N1 * N2) + k1[:, None] * N2 + t2[None, :]
+            sr = tl.load(spec)
+            si = tl.load(spec + N1 * N2)
+            out += _inverse_block(xr * sr - xi * si, xr * si + xi * sr, f1_ptr, f2r, f2i, tw_ptr, k1, t1, t2,
+                                  N1, N2, PREC)
+        y_row = y_ptr + ((b * NK + k) * D + d) * L
+    tl.store(y_row + pos, out, mask=pos < L)
+
+
+def _meta(n: int, rows: int, dtype: torch.dtype) -> dict:
+    """The kernel's compile-time parameters and launch options for FFT size ``n``, ``rows`` rows of input (t1) and
+    an input of ``dtype``."""
+    n1, n2 = factors(n)
+    # fp32 inputs keep fp32 products (1e-5 of the reference); bf16/fp16 inputs take TF32 tensor cores.
+    # Each program's work is a chain of dependent products: nothing for a software pipeline to overlap, and its
+    # buffers would cost shared memory. 8 warps: compiled for sm_90, the fp32 (FMA) path spills less than with 4
+    # (n = 8192: 680 vs 840 bytes of stack per thread; none at n <= 2048), the TF32 path spills at neither.
+    return dict(N1=n1, N2=n2, ROWS=rows, RB=MIN_FACTOR,
+                PREC="ieee" if dtype in (torch.float32, torch.float64) else "tf32", num_warps=8, num_stages=1)
+
+
+def _launch(x: torch.Tensor, spec: torch.Tensor, dft1: torch.Tensor, dft2: torch.Tensor, twiddle: torch.Tensor,
+            sum_k: bool) -> torch.Tensor:
+    batch, _, dim, length = x.shape
+    nk, n1, n2 = spec.shape[0], spec.shape[-2], spec.shape[-1]
+    y = x.new_empty(batch, 1 if sum_k else nk, dim, length, dtype=torch.float32)
+    rows = min(n1, max(MIN_FACTOR, triton.next_power_of_2(triton.cdiv(length, n2))))
+    _fft_conv_kernel[(batch * dim * (1 if sum_k else nk),)](
+        x, spec, dft1, dft2, twiddle, y, batch, dim, length, nk, SUM_K=sum_k, **_meta(n1 * n2, rows, x.dtype))
+    return y
+
+
+@torch.library.custom_op("mrconv::fft_conv", mutates_args=())
+def fft_conv(x: torch.Tensor, spec: torch.Tensor, dft1: torch.Tensor, dft2: torch.Tensor,
+             twiddle: torch.Tensor) -> torch.Tensor:
+    """(B, D, L) input in any float dtype, (K, D, 2, N1, N2) spectra (``monarch_spectrum``) and the ``dft_factors``
+    of ``n = N1 * N2`` -> (B, K, D, L) fp32."""
+    return _launch(x.contiguous().unsqueeze(1), spec.contiguous(), dft1, dft2, twiddle, sum_k=False)
+
+
+@torch.library.custom_op("mrconv::fft_adjoint", mutates_args=())
+def fft_adjoint(dy: torch.Tensor, spec: torch.Tensor, dft1: torch.Tensor, dft2: torch.Tensor,
+                twiddle: torch.Tensor) -> torch.Tensor:
+    """``sum_k`` of the correlations with the kernels (conjugate spectra): (B, K, D, L) -> (B, D, L) fp32, the
+    gradient of ``fft_conv`` with respect to its input."""
+    return _launch(dy.contiguous(), spec.contiguous(), dft1, dft2, twiddle, sum_k=True)[:, 0]
+
+
+@fft_conv.register_fake
+def _(x, spec, dft1, dft2, twiddle):
+    return x.new_empty(x.shape[0], spec.shape[0], *x.shape[1:], dtype=torch.float32)
+
+
+@fft_adjoint.register_fake
+def _(dy, spec, dft1, dft2, twiddle):
+    return dy.new_empty(dy.shape[0], *dy.shape[2:], dtype=torch.float32)
+
+
+def _setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _backward(ctx, grad):
+    x, spec, dft1, dft2, twiddle = ctx.saved_tensors
+    grad_x = fft_adjoint(grad, spec, dft1, dft2, twiddle).to(x.dtype) if ctx.needs_input_grad[0] else None
+    n = spec.shape[-2] * spec.shape[-1]
+    grad_spec = spectrum_grad(grad, x, n).to(spec.dtype) if ctx.needs_input_grad[1] else None
+    return grad_x, grad_spec, None, None, None
+
+
+fft_conv.register_autograd(_backward, setup_context=_setup)

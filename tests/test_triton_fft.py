@@ -1,0 +1,263 @@
+"""The fused Triton FFT convolution (models/triton_fft.py): the four-step factorization in float64, the kernel against
+a naive convolution, its custom ops, and MRConv(conv_impl="triton") on it against conv_impl="fft". On CPU the kernel
+runs under the Triton interpreter (conftest.py sets TRITON_INTERPRET=1); on a CUDA machine it runs compiled.
+
+MRConv takes the FFT kernel only above kernels.TRITON_MAX_LEN (784), too long for the interpreter at layer level, so
+the layer tests lower that threshold."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from tests.conftest import require
+
+try:
+    from models import triton_fft
+except ImportError as exc:  # Triton ships with torch's Linux wheels: missing in CI is a failure, not a skip
+    require(False, f"Triton is not importable ({exc})")
+
+from models import MRConv  # noqa: E402
+from models import kernels as K  # noqa: E402
+
+from .mrconv_reference import reference_forward  # noqa: E402
+from .test_mrconv import compare_with_reference, moved_layer, naive_conv  # noqa: E402
+from .test_triton import _compiled_forms_match_eager  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture
+def fft_everywhere(monkeypatch):
+    """LongConv(impl="triton") takes the FFT kernel at every length."""
+    monkeypatch.setattr(K, "TRITON_MAX_LEN", 0)
+
+
+def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    return ((got.cpu().double() - want.cpu().double()).abs().max() / want.abs().max()).item()
+
+
+def test_sizes_and_factors():
+    assert [triton_fft.monarch_size(length, 1, 0) for length in (1, 256, 257, 3136, 8192)] == [
+        256, 256, 512, 4096, 8192]
+    assert triton_fft.monarch_size(3136, 3136, 3135) == 8192  # 6271 without wrap-around
+    assert triton_fft.monarch_size(4097, 4097, 0) is None
+    assert {n: triton_fft.factors(n) for n in (256, 512, 1024, 8192)} == {
+        256: (16, 16), 512: (32, 16), 1024: (32, 32), 8192: (128, 64)}
+
+
+@pytest.mark.parametrize("n", [256, 512, 8192])
+def test_four_step_factorization_equals_torch_fft_in_float64(n):
+    """The kernel's algorithm written in torch, with the module's factors and spectrum layout: forward four steps =
+    ``fft``, inverse four steps (real part) = ``ifft``."""
+    torch.manual_seed(0)
+    f1, f2, tw = (torch.complex(t[0], t[1]) for t in triton_fft.dft_factors(n, "cpu", torch.float64))
+    n1, n2 = triton_fft.factors(n)
+    x = torch.randn(3, n - 37, dtype=torch.float64)
+    grid = torch.nn.functional.pad(x, (0, 37)).reshape(3, n1, n2).to(torch.complex128)
+    spectrum = ((f1 @ grid) * tw) @ f2
+    want = triton_fft._to_monarch(torch.fft.fft(x, n=n), n)
+    assert (torch.stack([spectrum.real, spectrum.imag], dim=-3) - want).abs().max() <= 1e-12 * want.abs().max()
+
+    y_hat = torch.randn(3, n1, n2, dtype=torch.complex128)
+    inner = (y_hat @ f2.conj()) * tw.conj()
+    back = (f1.real @ inner.real + f1.imag @ inner.imag).reshape(3, n) / n
+    full = y_hat.transpose(-1, -2).reshape(3, n)  # index k1 + n1 * k2
+    assert (back - torch.fft.ifft(full).real).abs().max() <= 1e-12
+
+
+# (length, forward taps, backward taps or None, kernels K, batch): odd and prime lengths, L much shorter than n, a
+# kernel as long as the input, causal, input in every row of the (N1, N2) grid (300 of n = 512), and batches that are
+# not a multiple of anything
+CASES = [(97, 37, 20, 2, 3), (131, 131, None, 1, 5), (5, 3, 4, 3, 2), (61, 61, 60, 2, 1), (300, 40, None, 1, 2)]
+
+
+@pytest.mark.parametrize("length, lf, lb, nk, batch", CASES)
+def test_conv_adjoint_and_kernel_grad_equal_naive(length, lf, lb, nk, batch, fft_everywhere):
+    torch.manual_seed(length)
+    dim = 2
+    u = torch.randn(batch, dim, length, dtype=torch.float64, requires_grad=True)
+    fwd = torch.randn(nk, dim, lf, dtype=torch.float64, requires_grad=True)
+    bwd = None if lb is None else torch.randn(nk, dim, lb, dtype=torch.float64, requires_grad=True)
+    ref = torch.stack([naive_conv(u, fwd[i], None if bwd is None else bwd[i]) for i in range(nk)], 1)
+    op = K.LongConv(fwd.detach().float().to(DEVICE), None if bwd is None else bwd.detach().float().to(DEVICE),
+                    length, "triton")
+    assert op.impl == "triton_fft" and op.n == triton_fft.monarch_size(length, lf, lb or 0)
+    x = u.detach().float().to(DEVICE)
+    assert relative_error(op.conv(op.prepare(x)), ref) <= 1e-5
+    grad = torch.randn_like(ref)
+    wanted = (u, fwd) if bwd is None else (u, fwd, bwd)
+    ref_du, ref_dkf, *ref_dkb = torch.autograd.grad(ref, wanted, grad)
+    du, dkf, dkb = op.backward(grad.float().to(DEVICE), x)
+    assert relative_error(du, ref_du) <= 1e-5
+    assert relative_error(dkf, ref_dkf) <= 1e-5
+    assert dkb is None if bwd is None else relative_error(dkb, ref_dkb[0]) <= 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_input_is_read_as_given(dtype, fft_everywhere):
+    """bf16/fp16 rows go in unconverted (TF32 products on a GPU): within 1e-2 of the float64 convolution of the
+    unrounded input (bf16 rounding alone is 2**-9 per element; the interpreter computes in fp32), and within 1e-5 of
+    the float64 convolution of the rounded input under the interpreter."""
+    torch.manual_seed(0)
+    u = torch.randn(3, 2, 97, dtype=torch.float64)
+    fwd, bwd = torch.randn(2, 2, 97, dtype=torch.float64), torch.randn(2, 2, 96, dtype=torch.float64)
+    op = K.LongConv(fwd.float().to(DEVICE), bwd.float().to(DEVICE), 97, "triton")
+    y = op.conv(u.to(DEVICE, dtype))
+    assert y.dtype == torch.float32
+    ref = torch.stack([naive_conv(u, fwd[i], bwd[i]) for i in range(2)], 1)
+    assert relative_error(y, ref) <= 1e-2
+    if DEVICE == "cpu":
+        rounded = u.to(dtype).double()
+        assert relative_error(y, torch.stack([naive_conv(rounded, fwd[i], bwd[i]) for i in range(2)], 1)) <= 1e-5
+
+
+def test_n_8192_equals_torch_fft():
+    """n = 8192 (the L = 3136 stage's size: N1 = 128, N2 = 64, eight row blocks) against torch.fft in float64, conv
+    and adjoint."""
+    torch.manual_seed(0)
+    length, dim = 2100, 2
+    u = torch.randn(2, dim, length, dtype=torch.float64)
+    fwd, bwd = torch.randn(2, dim, length, dtype=torch.float64), torch.randn(2, dim, length - 1, dtype=torch.float64)
+    ref_op = K.LongConv(fwd, bwd, length, "fft")
+    op = K.LongConv(fwd.float().to(DEVICE), bwd.float().to(DEVICE), length, "triton")
+    assert op.impl == "triton_fft" and op.n == 8192
+    assert relative_error(op.conv(u.float().to(DEVICE)), ref_op.conv(ref_op.prepare(u))) <= 1e-5
+    grad = torch.randn(2, 2, dim, length, dtype=torch.float64)
+    assert relative_error(op.adjoint(grad.float().to(DEVICE)), ref_op.adjoint(grad)) <= 1e-5
+
+
+def test_lengths_past_the_largest_fft_stay_on_torch_fft():
+    fwd = torch.randn(1, 1, 5000)
+    assert K.LongConv(fwd, fwd[..., :-1], 5000, "triton").impl == "fft"  # n would be 16384
+    assert K.LongConv(fwd[..., :8], None, 5000, "triton").impl == "triton_fft"  # n = 8192
+    assert K.LongConv(fwd[..., :8], None, 784, "triton").impl == "triton"  # Toeplitz tiles up to TRITON_MAX_LEN
+
+
+def test_custom_op_autograd_matches_torch_fft():
+    """Gradients through ``mrconv::fft_conv`` (input: the adjoint kernel; spectrum: torch.fft) back to the input and
+    the kernel taps, against the same convolution on torch.fft; and the op's schema and fake implementation."""
+    torch.manual_seed(0)
+    length, n = 45, 256
+    x = torch.randn(3, 2, length, device=DEVICE, requires_grad=True)
+    fwd = torch.randn(2, 2, 30, device=DEVICE, requires_grad=True)
+    bwd = torch.randn(2, 2, 12, device=DEVICE, requires_grad=True)
+    spec = triton_fft.monarch_spectrum(fwd, bwd, n)
+    factors = triton_fft.dft_factors(n, x.device)
+    y = triton_fft.fft_conv(x, spec, *factors)
+    ref = torch.fft.irfft(torch.fft.rfft(x, n=n).unsqueeze(1) * K.kernel_spectrum(fwd, bwd, n), n=n)[..., :length]
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    grad = torch.randn_like(ref)
+    for got, want in zip(torch.autograd.grad(y, (x, fwd, bwd), grad), torch.autograd.grad(ref, (x, fwd, bwd), grad)):
+        assert relative_error(got, want) <= 1e-5
+    args = (x.detach(), spec.detach(), *factors)
+    torch.library.opcheck(triton_fft.fft_conv, args, test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(triton_fft.fft_adjoint, (ref.detach(), *args[1:]),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """Counts the Triton launches by mode, so a test knows the FFT kernel ran (and the Toeplitz one did not)."""
+    counts = {"conv": 0, "adjoint": 0}
+    launch = triton_fft._launch
+
+    def counted(*args, sum_k):
+        counts["adjoint" if sum_k else "conv"] += 1
+        return launch(*args, sum_k=sum_k)
+    monkeypatch.setattr(triton_fft, "_launch", counted)
+    return counts
+
+
+def test_fused_triton_layer_equals_fft_layer_and_folds_exactly(fft_everywhere, launches):
+    torch.manual_seed(0)
+    layer = MRConv(4, 150, 10, conv_impl="triton").to(DEVICE)
+    layer(torch.randn(3, 4, 150, device=DEVICE)).sum().backward()  # statistics move
+    assert launches == {"conv": 2, "adjoint": 0}  # forward, backward's recomputation (no input gradient asked)
+    layer.eval()
+    fused = copy.deepcopy(layer)
+    fused.reparameterize()
+    u = torch.randn(2, 4, 150, device=DEVICE)
+    with torch.no_grad():
+        ref, out = layer(u), fused(u)
+    assert relative_error(out, ref) <= 1e-5
+    fft = copy.deepcopy(fused)
+    fft.conv_impl, fft._cache = "fft", None
+    with torch.no_grad():
+        assert relative_error(out, fft(u)) <= 1e-5
+    assert launches == {"conv": 4, "adjoint": 0}  # and the eval and fused forwards
+
+
+def test_fused_layer_trains_through_the_spectrum(fft_everywhere, launches):
+    """A fused layer whose kernel is trained: the gradient reaches the weight through the op's spectrum gradient."""
+    torch.manual_seed(0)
+    layer = MRConv(3, 120, 10, conv_impl="triton", inference_mode=True).to(DEVICE)
+    with torch.no_grad():
+        layer.weight.normal_()
+        layer.bias.normal_()
+    fft = copy.deepcopy(layer)
+    fft.conv_impl = "fft"
+    u = torch.randn(2, 3, 120, device=DEVICE)
+    x1, x2 = u.clone().requires_grad_(), u.clone().requires_grad_()
+    y, y_ref = layer(x1), fft(x2)
+    grad = torch.randn_like(y)
+    y.backward(grad)
+    y_ref.backward(grad)
+    assert relative_error(y.detach(), y_ref.detach()) <= 1e-5
+    assert relative_error(x1.grad, x2.grad) <= 1e-5
+    for p, q in zip(layer.parameters(), fft.parameters()):
+        assert relative_error(p.grad, q.grad) <= 1e-5
+    assert launches == {"conv": 1, "adjoint": 1}
+
+
+@pytest.mark.parametrize("bidirectional", [True, False])
+def test_training_form_with_triton_fft_equals_reference(bidirectional, fft_everywhere, launches):
+    """Output, every gradient and the running statistics of a training step at L = 101 (n = 256)."""
+    layer = moved_layer("fourier_sparse", bidirectional, "triton", dtype=torch.float32, seq_len=101, l0=13)
+    compare_with_reference(layer.to(DEVICE), 2 * torch.randn(3, layer.dim, 101, device=DEVICE) + 0.5, "fft",
+                           rtol=1e-4)
+    assert launches == {"conv": 2, "adjoint": 1}  # forward, and backward's recomputation; the input gradient
+
+
+def test_compile_fullgraph_traces_the_fft_custom_ops(fft_everywhere, launches):
+    torch.manual_seed(0)
+    _compiled_forms_match_eager(MRConv(4, 40, 5, conv_impl="triton").to(DEVICE), torch.randn(2, 4, 40, device=DEVICE))
+    assert launches["conv"] > 0
+
+
+_COMPILE_FOR_SM90 = r"""
+import json, torch, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler.compiler import ASTSource
+from models import triton_fft as T
+kernel = T._fft_conv_kernel
+rows = T.factors(T.MAX_SIZE)[0]
+shared = {}
+for dtype, sum_k in (("fp32", False), ("bf16", True)):
+    consts = T._meta(T.MAX_SIZE, rows, getattr(torch, {"fp32": "float32", "bf16": "bfloat16"}[dtype]))
+    options = {key: consts.pop(key) for key in ("num_warps", "num_stages")}
+    consts["SUM_K"] = sum_k
+    sig = {name: "constexpr" if name in consts else "i32" if name in ("B", "D", "L", "NK") else
+           f"*{dtype}" if name == "x_ptr" else "*fp32" for name in kernel.arg_names}
+    compiled = triton.compile(ASTSource(kernel, sig, consts), target=GPUTarget("cuda", 90, 32), options=options)
+    shared[dtype] = compiled.metadata.shared
+print(json.dumps(shared))
+"""
+
+
+def test_kernel_compiles_for_sm90_within_an_a100s_shared_memory():
+    """The interpreter runs what a GPU compiler may refuse (tile shapes, types, resources). Compiled here for sm_90 by
+    Triton's own compiler and ptxas, no GPU needed, at the largest size with every row holding input: fp32 fan-out
+    and bf16 fan-in ask for at most an A100's 163 KB of shared memory per block (an H100 has 227 KB)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    run = subprocess.run([sys.executable, "-c", _COMPILE_FOR_SM90], cwd=root, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    shared = json.loads(run.stdout.strip().splitlines()[-1])
+    assert set(shared) == {"fp32", "bf16"} and max(shared.values()) <= 163 * 1024, shared
