@@ -34,11 +34,12 @@ def channel_slices(dim: int, per_channel_bytes: int, budget: int) -> list[slice]
 
 
 def _slice_bytes(batch: int, branches: int, length: int, impl: str) -> int:
-    """Bytes of transient fp32 work per channel: branch outputs, their gradient and, for FFTs, the spectra."""
-    if impl != "fft":
-        return 4 * branches * (3 * batch * length + length * length)
-    n = K.fft_size(length, length, length)
-    return 4 * branches * batch * (3 * n + length)
+    """Bytes of transient fp32 work per channel: branch outputs, their gradient and, for FFTs (torch's, or the
+    Triton FFT above ``TRITON_MAX_LEN``, whose kernel gradient is torch's), the spectra; else the (L, L) products."""
+    if impl == "fft" or (impl == "triton" and length > K.TRITON_MAX_LEN):
+        n = K.fft_size(length, length, length)
+        return 4 * branches * batch * (3 * n + length)
+    return 4 * branches * (3 * batch * length + length * length)
 
 
 class BranchConvBatchNorm(torch.autograd.Function):

@@ -212,16 +212,21 @@ class MRConv(nn.Module):
         if u.ndim != 3 or u.shape[1] != self.dim:
             raise ValueError(f"MRConv expects input of shape (batch, dim={self.dim}, length), "
                              f"got {tuple(u.shape)}")
-        dtype = u.dtype
+        dtype, device_type = u.dtype, u.device.type
+        autocast = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
         # FFTs and the BN statistics run in fp32 even under bf16/fp16 autocast (cuFFT has no bf16 path); the
         # training form keeps the input in its own dtype for backward and converts it itself.
-        with torch.autocast(device_type=u.device.type, enabled=False):
+        with torch.autocast(device_type=device_type, enabled=False):
             length = int(u.shape[-1])
             if self.inference_mode:
                 op = self._fused_operator(length)
-                # the Triton kernels take bf16/fp16 as given (fp32 accumulation, as a depthwise conv under autocast)
+                # the Triton kernels read bf16/fp16 (fp32 accumulation): under autocast the input is cast as
+                # autocast casts a depthwise conv's, else taken as given
                 on_triton = op.impl in ("triton", "triton_fft")
-                x = u if on_triton else u.to(torch.promote_types(self.weight.dtype, torch.float32))
+                if on_triton:
+                    x = u.to(autocast) if autocast is not None and u.is_floating_point() else u
+                else:
+                    x = u.to(torch.promote_types(self.weight.dtype, torch.float32))
                 y = op.conv(op.prepare(x))[:, 0] + self.bias[:, None]
             else:
                 impl = self._impl(length, u.device, training=self.training)

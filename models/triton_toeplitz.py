@@ -12,16 +12,22 @@ Registered as the custom op ``mrconv::toeplitz_conv`` (fake implementation and a
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
 
 from . import kernels as K
 
+# Triton's interpreter (3.8) multiplies bf16 tiles wrongly in tl.dot (fp16 and fp32 are right; compiled kernels use
+# the tensor cores' bf16 products): there the tiles are widened to fp32 first, so the tests check the arithmetic.
+_WIDEN_BF16 = os.environ.get("TRITON_INTERPRET") == "1"
+
 
 @triton.jit
 def _toeplitz_kernel(x_ptr, lags_ptr, y_ptr, B, D, L, NK, span_lo, span_hi,
-                     x_kstride, y_kstride, SUM_K: tl.constexpr, IEEE: tl.constexpr,
+                     x_kstride, y_kstride, SUM_K: tl.constexpr, IEEE: tl.constexpr, WIDEN: tl.constexpr,
                      BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_B: tl.constexpr):
     """One (kernel-or-channel, t block, batch block) tile of the output.
 
@@ -49,7 +55,9 @@ def _toeplitz_kernel(x_ptr, lags_ptr, y_ptr, B, D, L, NK, span_lo, span_hi,
             tile = tl.load(lag_row + t[:, None] - s[None, :], mask=inside, other=0.0)
             xs = tl.load(x_row + b[None, :] * (x_kstride * (NK if SUM_K else 1)) + s[:, None],
                          mask=(s[:, None] < L) & (b[None, :] < B), other=0.0)
-            if IEEE:
+            if WIDEN:
+                acc += tl.dot(tile.to(tl.float32), xs.to(tl.float32), input_precision="ieee")
+            elif IEEE:
                 acc += tl.dot(tile, xs, input_precision="ieee")
             else:
                 acc += tl.dot(tile, xs)
@@ -67,6 +75,7 @@ def _launch(x: torch.Tensor, lags: torch.Tensor, span: tuple[int, int], sum_k: b
     grid = (dim if sum_k else nk * dim, triton.cdiv(length, block_t), triton.cdiv(batch, block_b))
     _toeplitz_kernel[grid](x, lags.to(x.dtype).contiguous(), y, batch, dim, length, nk, span[0], span[1],
                            dim * length, dim * length, SUM_K=sum_k, IEEE=x.dtype == torch.float32,
+                           WIDEN=_WIDEN_BF16 and x.dtype == torch.bfloat16,
                            BLOCK_T=block_t, BLOCK_S=block_s, BLOCK_B=block_b)
     return y
 

@@ -88,6 +88,27 @@ def test_fused_triton_layer_equals_fft_layer_and_folds_exactly():
         assert (fft(u) - out).abs().max() <= 1e-5 * out.abs().max()
 
 
+def test_fused_triton_layer_reads_the_autocast_dtype(monkeypatch):
+    """Under bf16 autocast the fused Triton layer reads its input in bf16, as autocast has a depthwise conv read it
+    (fp32 accumulation); outside autocast the input is taken as given."""
+    torch.manual_seed(0)
+    layer = MRConv(4, 40, 5, conv_impl="triton", inference_mode=True).to(DEVICE).eval()
+    with torch.no_grad():
+        for p in layer.parameters():  # the fused form starts at zero
+            p.normal_()
+    seen = []
+    original = triton_toeplitz.toeplitz_conv
+    monkeypatch.setattr(triton_toeplitz, "toeplitz_conv", lambda x, *a: seen.append(x.dtype) or original(x, *a))
+    u = torch.randn(2, 4, 40, device=DEVICE)
+    with torch.no_grad():
+        ref = layer(u)
+        with torch.autocast(device_type=u.device.type, dtype=torch.bfloat16):
+            out = layer(u)
+    assert seen == [torch.float32, torch.bfloat16]
+    assert out.dtype == torch.float32  # the layer returns its input's dtype
+    assert 0 < (out - ref).abs().max() <= 2e-2 * ref.abs().max()  # bf16 input rounding, nothing more
+
+
 def _compiled_forms_match_eager(model: torch.nn.Module, x: torch.Tensor) -> None:
     """The training form (custom autograd Function), its eval form and the fused form, each traced whole."""
     fused = copy.deepcopy(model).eval()
