@@ -49,8 +49,8 @@ def test_conv_adjoint_and_lag_grad_equal_naive(length, bidirectional):
 
 def test_custom_op_autograd_matches_the_toeplitz_path():
     torch.manual_seed(0)
-    lags = torch.randn(2, 3, 2 * 20 - 1, requires_grad=True)
-    x = torch.randn(4, 3, 20, requires_grad=True)
+    lags = torch.randn(2, 3, 2 * 20 - 1, device=DEVICE, requires_grad=True)
+    x = torch.randn(4, 3, 20, device=DEVICE, requires_grad=True)
     y = triton_toeplitz.toeplitz_conv(x, lags, -19, 19)
     mats = lags.unfold(-1, 20, 1).flip(-1)
     ref = K.toeplitz_conv(x, mats)
@@ -66,18 +66,18 @@ def test_custom_op_autograd_matches_the_toeplitz_path():
 
 @pytest.mark.parametrize("bidirectional", [True, False])
 def test_training_form_with_triton_equals_reference(bidirectional):
-    layer = moved_layer("fourier_sparse", bidirectional, "triton", dtype=torch.float32)
-    compare_with_reference(layer, 2 * torch.randn(3, layer.dim, 23) + 0.5, "toeplitz", rtol=1e-4)
+    layer = moved_layer("fourier_sparse", bidirectional, "triton", dtype=torch.float32).to(DEVICE)
+    compare_with_reference(layer, 2 * torch.randn(3, layer.dim, 23, device=DEVICE) + 0.5, "toeplitz", rtol=1e-4)
 
 
 def test_fused_triton_layer_equals_fft_layer_and_folds_exactly():
     torch.manual_seed(0)
-    layer = MRConv(4, 40, 5, conv_impl="triton")
-    layer(torch.randn(3, 4, 40)).sum().backward()  # statistics move
+    layer = MRConv(4, 40, 5, conv_impl="triton").to(DEVICE)
+    layer(torch.randn(3, 4, 40, device=DEVICE)).sum().backward()  # statistics move
     layer.eval()
     fused = copy.deepcopy(layer)
     fused.reparameterize()
-    u = torch.randn(2, 4, 40)
+    u = torch.randn(2, 4, 40, device=DEVICE)
     with torch.no_grad():
         ref = layer(u)
         out = fused(u)
@@ -134,4 +134,4 @@ def test_compile_fullgraph_traces_mrconvnext():
 def test_compile_fullgraph_traces_the_triton_custom_ops():
     """The same for a layer on the Triton ops (one layer: the interpreter is slow at model size)."""
     torch.manual_seed(0)
-    _compiled_forms_match_eager(MRConv(4, 20, 5, conv_impl="triton"), torch.randn(2, 4, 20))
+    _compiled_forms_match_eager(MRConv(4, 20, 5, conv_impl="triton").to(DEVICE), torch.randn(2, 4, 20, device=DEVICE))
