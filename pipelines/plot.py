@@ -254,7 +254,8 @@ def accuracy_throughput_figure(points: Sequence[Point], *, title: str = "Top-1 v
     ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: _tick_label(v)))
     ax.xaxis.set_minor_formatter(NullFormatter())  # unlabelled minor ticks: labelled ones overlapped
     ax.set_xlabel(xlabel + (f"\n{caption}" if caption else ""))
-    ax.margins(y=0.12)  # room for the labels of the highest and lowest points
+    ylim = accuracy_limits([p.top1 for p in points])
+    ax.set_ylim(*ylim)
     ax.set_ylabel("top-1 accuracy (%)")
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
@@ -263,8 +264,17 @@ def accuracy_throughput_figure(points: Sequence[Point], *, title: str = "Top-1 v
                          "unfused_throughput": p.unfused_throughput, "area": marker_area(p.gmacs, biggest)}
                         for p in points],
              "fronts": {fam: [points[i].label for i in front] for fam, front in fronts.items()},
-             "xticks": ticks, "caption": caption}
+             "xticks": ticks, "ylim": ylim, "caption": caption}
     return fig, drawn
+
+
+def accuracy_limits(top1: Sequence[float], min_span: float = 1.0, margin: float = 0.12) -> tuple[float, float]:
+    """The y range: every point with ``margin`` of the span around it (room for labels), and a span of at least
+    ``min_span`` points of accuracy, so that models a few hundredths apart do not look far apart."""
+    lo, hi = min(top1), max(top1)
+    span = max(hi - lo, min_span)
+    mid = (lo + hi) / 2
+    return mid - span / 2 - margin * span, mid + span / 2 + margin * span
 
 
 def bench_caption(paths: Sequence[str]) -> str:

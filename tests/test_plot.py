@@ -113,6 +113,18 @@ def test_figure_returns_both_families_their_fronts_and_the_unfused_throughput():
     plot.plt.close(fig)
 
 
+def test_accuracy_range_spans_at_least_one_point():
+    lo, hi = plot.accuracy_limits([90.53, 90.54])  # the quickstart's pair: equal for all practical purposes
+    assert hi - lo >= 1.0 and lo < 90.53 and hi > 90.54 and abs((lo + hi) / 2 - 90.535) < 1e-9
+    lo, hi = plot.accuracy_limits([70.0, 80.0, 75.0])  # a real spread keeps its own scale, with label room
+    assert (lo, hi) == pytest.approx((68.8, 81.2))
+    points, _ = plot.join(RESULTS, BENCH)
+    fig, drawn = plot.accuracy_throughput_figure(points)
+    assert fig.axes[0].get_ylim() == pytest.approx(drawn["ylim"])
+    assert all(drawn["ylim"][0] < p["top1"] < drawn["ylim"][1] for p in drawn["points"])
+    plot.plt.close(fig)
+
+
 @pytest.mark.parametrize("lo, hi", [(847, 1479), (9.6, 56), (2000, 120_000), (7000, 12_000), (8000, 100_000),
                                     (2500, 2800), (50, 5e6)])
 def test_log_ticks_are_round_few_and_apart(lo, hi):
