@@ -44,7 +44,7 @@ B="$PY -m pipelines.benchmark"
 COMMON="--img-size $IMG --amp bf16 --channels-last --device $DEV $ITERS"
 
 # 1. the GPU tests (Triton at stage shapes, nvJPEG decode, the models on CUDA)
-[ "$DEV" = cuda ] && step tests 150 $PY -m pytest -q tests/test_gpu.py tests/test_triton.py -x
+[ "$DEV" = cuda ] && step tests 150 $PY -m pytest -q tests/test_gpu.py tests/test_triton.py tests/test_triton_fft.py -x
 # 2. issue 11/12: training throughput and peak memory vs ConvNeXt, batch 128, bf16, channels-last
 step train 130 $B models --models $TINY $PEER --train --batch-size $BATCH $COMMON --csv "$OUT/train.csv"
 # 3. issue 12: the same with the Triton kernels
