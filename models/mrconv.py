@@ -224,7 +224,7 @@ class MRConv(nn.Module):
                 # autocast casts a depthwise conv's, else taken as given
                 on_triton = op.impl in ("triton", "triton_fft")
                 if on_triton:
-                    x = u.to(autocast) if autocast is not None and u.is_floating_point() else u
+                    x = u if autocast is None else u.to(autocast)
                 else:
                     x = u.to(torch.promote_types(self.weight.dtype, torch.float32))
                 y = op.conv(op.prepare(x))[:, 0] + self.bias[:, None]

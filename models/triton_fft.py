@@ -28,6 +28,7 @@ interpreter (``TRITON_INTERPRET=1`` set before this module is imported), which i
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -63,14 +64,24 @@ def _unit(exponent: torch.Tensor, n: int, dtype: torch.dtype) -> torch.Tensor:
     return torch.stack([angle.cos(), angle.sin()]).to(dtype).contiguous()
 
 
-def dft_factors(n: int, device: torch.device, dtype: torch.dtype = torch.float32
+def dft_factors(n: int, device: torch.device | str, dtype: torch.dtype = torch.float32
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``F_N1`` (2, N1, N1), ``F_N2`` (2, N2, N2) and the twiddles ``w_n ** (k1 * t2)`` (2, N1, N2) (the kernel
-    takes fp32; float64 for the tests that check the factorization itself)."""
+    takes fp32; float64 for the tests that check the factorization itself). Made once per (n, device, dtype) and
+    shared, read-only, by every operator of that size; while torch.compile traces, made in the graph instead (Dynamo
+    does not keep an ``lru_cache``)."""
+    make = _dft_factors if torch.compiler.is_compiling() else _cached_dft_factors
+    return make(n, torch.device(device), dtype)
+
+
+def _dft_factors(n: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     n1, n2 = factors(n)
     i1, i2 = (torch.arange(m, device=device, dtype=torch.float64) for m in (n1, n2))
     return (_unit(torch.outer(i1, i1), n1, dtype), _unit(torch.outer(i2, i2), n2, dtype),
             _unit(torch.outer(i1, i2), n, dtype))
+
+
+_cached_dft_factors = functools.lru_cache(maxsize=None)(_dft_factors)
 
 
 def _to_monarch(full: torch.Tensor, n: int) -> torch.Tensor:

@@ -22,12 +22,14 @@ def topk_correct(logits: torch.Tensor, target: torch.Tensor, ks: tuple[int, ...]
 
 
 def summed_counts(now: Mapping[str, int], before: Mapping[str, int]) -> dict[str, int]:
-    """What a loader's counts grew by since ``before`` (its ``stats`` then), summed over all ranks (collective)."""
-    keys = sorted(now)
-    totals = torch.tensor([now[k] - before.get(k, 0) for k in keys], dtype=torch.float64,
-                          device=get_accelerator().current_device_name())
+    """What a loader's counts grew by since ``before`` (its ``stats`` then), summed over all ranks when a process
+    group is up (collective), else this process's."""
+    grown = {k: now[k] - before.get(k, 0) for k in sorted(now)}
+    if not (dist.is_available() and dist.is_initialized()):
+        return grown
+    totals = torch.tensor(list(grown.values()), dtype=torch.float64, device=get_accelerator().current_device_name())
     dist.all_reduce(totals, op=dist.ReduceOp.SUM)
-    return {k: int(v) for k, v in zip(keys, totals.tolist())}
+    return {k: int(v) for k, v in zip(grown, totals.tolist())}
 
 
 @torch.no_grad()
@@ -62,7 +64,5 @@ def evaluate(model: torch.nn.Module, loader: Iterable, autocast_dtype: torch.dty
     count = totals[3].item()
     if count == 0:
         raise RuntimeError("the evaluation set is empty on every rank")
-    stats = getattr(loader, "stats", {})
     return {"top1": totals[0].item() / count, "top5": totals[1].item() / count, "loss": totals[2].item() / count,
-            "count": int(count), **(summed_counts(stats, counts_before) if distributed else
-                                    {k: v - counts_before.get(k, 0) for k, v in stats.items()})}
+            "count": int(count), **summed_counts(getattr(loader, "stats", {}), counts_before)}
