@@ -12,6 +12,8 @@ import socket
 from dataclasses import dataclass
 from typing import Mapping
 
+from train.host import retain_freed_memory
+
 __all__ = ["WorldInfo", "first_host", "master_port_for_job", "free_port", "world_info_from_env", "init_distributed"]
 
 DEFAULT_MASTER_ADDR = "127.0.0.1"
@@ -138,8 +140,9 @@ _initialized: WorldInfo | None = None
 
 
 def init_distributed(backend: str | None = None) -> WorldInfo:
-    """Export RANK/LOCAL_RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT, pick the device, start DeepSpeed's
-    process group (also for one process: deepspeed.initialize expects one). Idempotent."""
+    """Export RANK/LOCAL_RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT, pick the device (CPU ranks keep freed host memory:
+    ``train.host``), start DeepSpeed's process group (also for one process: deepspeed.initialize expects one).
+    Idempotent."""
     global _initialized
     if _initialized is not None:
         return _initialized
@@ -159,6 +162,8 @@ def init_distributed(backend: str | None = None) -> WorldInfo:
     accelerator = get_accelerator()
     # DeepSpeed's CPU accelerator names oneCCL when its bindings are installed; CPU ranks keep gloo.
     on_device = accelerator.device_name() != "cpu"
+    if not on_device:
+        retain_freed_memory()
     if on_device:
         # Before the process group: NCCL (and its kin) binds each rank to the current device. The modulo covers
         # clusters that bind one device per task (each task then sees device 0 only).
