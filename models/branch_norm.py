@@ -42,12 +42,25 @@ def _slice_bytes(batch: int, branches: int, length: int, impl: str) -> int:
     return 4 * branches * (3 * batch * length + length * length)
 
 
+def _merged(op: K.LongConv, fwd: torch.Tensor, bwd: torch.Tensor | None, weights: torch.Tensor) -> K.LongConv:
+    """The single convolution ``sum_i w_i k_i`` beside ``op`` (same lengths, so it takes ``op``'s prepared input)."""
+    return K.LongConv(K.weighted_sum(fwd, weights), None if bwd is None else K.weighted_sum(bwd, weights),
+                      op.length, op.impl if op.impl != "triton_fft" else "triton")
+
+
 class BranchConvBatchNorm(torch.autograd.Function):
     """``(u, kernels, alpha, gamma, beta)`` -> ``(y, mean, var)``: the training form with batch statistics.
 
     ``u`` (B, D, L) in any float dtype (saved as given, computed in the kernels' dtype); ``kernels`` (dirs, N, D, l)
     dense, fp32 or fp64; ``alpha``, ``gamma``, ``beta`` (N, D) in the same dtype. ``mean`` and the biased ``var``
     (N, D) are returned for the running statistics and carry no gradient.
+
+    Per channel slice, forward: the means from prefix sums (``kernels.window_means``), the centred branch outputs
+    (one transform of N) only for their variance, then ``y`` as ONE convolution with the merged kernel
+    ``sum_i a_i k_i`` plus a bias. Backward: the merged kernel's adjoint and correlation with ``g - G0 / M`` give
+    ``d u``'s BatchNorm-free part, every ``d k_i``'s first term and ``G1_i = invstd_i * (k_i . corr)``; the centred
+    branch outputs, recomputed and scaled by ``-a_i G1_i invstd_i / M``, give the rest. A single branch (``L <= l0``)
+    needs no merged kernel: its centred output is ``y`` up to an affine map, computed once each way.
     """
 
     @staticmethod
@@ -57,18 +70,23 @@ class BranchConvBatchNorm(torch.autograd.Function):
         branches, count = kernels.shape[1], batch * length
         fwd, bwd = K.truncate(kernels, length)
         y = x.new_empty(batch, dim, length)
-        mean, var = x.new_empty(branches, dim), x.new_empty(branches, dim)
+        mean = K.window_means(x, fwd, bwd)
+        var = x.new_empty(branches, dim)
         shift = (alpha * beta).sum(dim=0)
         for sl in channel_slices(dim, _slice_bytes(batch, branches, length, impl), chunk_bytes):
-            op = K.LongConv(fwd[:, sl], None if bwd is None else bwd[:, sl], length, impl)
-            c = op.conv(op.prepare(x[:, sl]))  # (B, N, d, L)
-            # two passes (mean, then the centred squares), summing positions first: torch.var_mean over (0, 3)
-            # is several times slower on CPU
-            mean[:, sl] = c.sum(dim=-1).sum(dim=0) / count
-            c = c - mean[None, :, sl, None]
-            var[:, sl] = c.square().sum(dim=-1).sum(dim=0) / count
+            f, b = fwd[:, sl], None if bwd is None else bwd[:, sl]
+            op = K.LongConv(f, b, length, impl)
+            prepared = op.prepare(x[:, sl])
+            if branches == 1:  # the centred output is y but for an affine map: keep it, convolve once
+                centred = op.conv(prepared, center=mean[:, sl])[:, 0]
+                var[:, sl] = torch.linalg.vecdot(centred, centred).sum(dim=0)[None] / count
+                scale = alpha[0, sl] * gamma[0, sl] * torch.rsqrt(var[0, sl] + eps)
+                torch.addcmul(shift[sl, None], centred, scale[:, None], out=y[:, sl])
+                continue
+            var[:, sl] = op.centred_square_sums(prepared, mean[:, sl]) / count
             scale = alpha[:, sl] * gamma[:, sl] * torch.rsqrt(var[:, sl] + eps)
-            y[:, sl] = torch.einsum("bndl,nd->bdl", c, scale) + shift[sl, None]
+            bias = shift[sl] - (scale * mean[:, sl]).sum(dim=0)
+            y[:, sl] = _merged(op, f, b, scale).conv(prepared)[:, 0] + bias[:, None]
         ctx.save_for_backward(u, kernels, alpha, gamma, beta, mean, var)
         ctx.eps, ctx.impl, ctx.chunk_bytes = eps, impl, chunk_bytes
         ctx.mark_non_differentiable(mean, var)
@@ -80,32 +98,47 @@ class BranchConvBatchNorm(torch.autograd.Function):
         u, kernels, alpha, gamma, beta, mean, var = ctx.saved_tensors
         x, g = u.to(kernels.dtype), grad_y.to(kernels.dtype)
         batch, dim, length = x.shape
-        dirs, branches = kernels.shape[:2]
+        branches = kernels.shape[1]
         count = batch * length
+        input_grad = ctx.needs_input_grad[0]
         fwd, bwd = K.truncate(kernels, length)
         invstd = torch.rsqrt(var + ctx.eps)
-        grad_u = torch.empty_like(x) if ctx.needs_input_grad[0] else None
+        a = alpha * gamma * invstd  # BN_i's slope, the merged kernel's weights
+        grad_u = torch.empty_like(x) if input_grad else None
         grad_k = torch.zeros_like(kernels)
         sum_g = g.sum(dim=(0, 2))  # G0 per channel, shared by every branch
         sum_g_chat = torch.empty_like(mean)  # G1
         for sl in channel_slices(dim, _slice_bytes(batch, branches, length, ctx.impl), ctx.chunk_bytes):
-            op = K.LongConv(fwd[:, sl], None if bwd is None else bwd[:, sl], length, ctx.impl)
+            f, b = fwd[:, sl], None if bwd is None else bwd[:, sl]
+            op = K.LongConv(f, b, length, ctx.impl)
             prepared = op.prepare(x[:, sl])
-            chat = (op.conv(prepared) - mean[None, :, sl, None]).mul_(invstd[None, :, sl, None])
-            gs = g[:, sl]
-            g1 = torch.einsum("bdl,bndl->nd", gs, chat)
+            # d c_i = a_i * (g - G0 / M) - (a_i * G1_i / M) * c_hat_i
+            centred_g = (g[:, sl] - (sum_g[sl] / count)[None, :, None]).unsqueeze(1)
+            if branches == 1:  # one convolution's worth: c_hat, G1 from it, then d c in one piece
+                chat = op.conv(prepared, invstd[:, sl], mean[:, sl])
+                g1 = torch.linalg.vecdot(chat, centred_g).sum(dim=0)
+                sum_g_chat[:, sl] = g1
+                dc = centred_g.mul_(a[:, sl, None]).sub_(chat.mul_((a[:, sl] * g1 / count)[..., None]))
+                du, kf, kb = op.backward(dc, prepared, input_grad)
+                if grad_u is not None:
+                    grad_u[:, sl] = du
+                grad_k[0, :, sl, : kf.shape[-1]] = kf
+                if kb is not None:
+                    grad_k[1, :, sl, : kb.shape[-1]] = kb
+                continue
+            # the first term through the merged kernel
+            du, corr_f, corr_b = _merged(op, f, b, a[:, sl]).backward(centred_g, prepared, input_grad)
+            # sum_{b,t} (g - G0/M) c_i = sum_lag k_i[lag] corr[lag] = sum g c_i - G0 mean_i
+            g_c = (f * corr_f).sum(dim=-1) + (0 if b is None else (b * corr_b).sum(dim=-1))
+            g1 = invstd[:, sl] * g_c
             sum_g_chat[:, sl] = g1
-            # d c_i = a_i * (g - G0 / M) - (a_i * G1_i / M) * c_hat_i, written over c_hat
-            a = alpha[:, sl] * gamma[:, sl] * invstd[:, sl]
-            centred_g = gs - sum_g[None, sl, None] / count
-            dc = torch.addcmul(centred_g.unsqueeze(1) * a[None, :, :, None], chat, (-a * g1 / count)[None, :, :, None],
-                               out=chat)
-            du, kf, kb = op.backward(dc, prepared, input_grad=grad_u is not None)
+            weight = -a[:, sl] * g1 / count  # on c_hat_i = (c_i - mean_i) * invstd_i
+            du_hat, kf, kb = op.backward_conv(prepared, weight * invstd[:, sl], mean[:, sl], input_grad)
             if grad_u is not None:
-                grad_u[:, sl] = du
-            grad_k[0, :, sl, : kf.shape[-1]] = kf
+                grad_u[:, sl] = du + du_hat
+            grad_k[0, :, sl, : kf.shape[-1]] = kf + a[:, sl, None] * corr_f
             if kb is not None:
-                grad_k[1, :, sl, : kb.shape[-1]] = kb
+                grad_k[1, :, sl, : kb.shape[-1]] = kb + a[:, sl, None] * corr_b
         grad_alpha = gamma * sum_g_chat + beta * sum_g
         grad_gamma = alpha * sum_g_chat
         grad_beta = alpha * sum_g.expand_as(alpha)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -87,6 +88,26 @@ def kernel_spectrum(fwd: torch.Tensor, bwd: torch.Tensor | None, n: int) -> torc
     return torch.fft.rfft(circular_kernel(fwd, bwd, n), n=n)
 
 
+def window_means(x: torch.Tensor, fwd: torch.Tensor, bwd: torch.Tensor | None) -> torch.Tensor:
+    """Mean over batch and the ``L`` output positions of every ``k_i * u``, without the convolutions: (K, D).
+
+    ``sum_t (k * u)[t] = sum_lag k[lag] * W[lag]`` with ``W[lag]`` the sum of the inputs that lag brings into the
+    output window: a prefix sum of the batch-summed input (forward lag ``j``: ``u[0 : L - j]``; backward lag
+    ``-(j + 1)``: ``u[j + 1 : L]``). Accumulated in float64; ``x`` (B, D, L), kernels as ``truncate`` gives them."""
+    batch, _, length = x.shape
+    summed = x.sum(dim=0, dtype=torch.float64)
+    prefix = F.pad(summed.cumsum(dim=-1), (1, 0))  # prefix[:, j] = sum of the first j positions
+    total = (fwd.double() * prefix.flip(-1)[:, : fwd.shape[-1]]).sum(dim=-1)  # prefix[L - j]
+    if bwd is not None:
+        total = total + (bwd.double() * (prefix[:, length:] - prefix[:, 1: bwd.shape[-1] + 1])).sum(dim=-1)
+    return (total / (batch * length)).to(x.dtype)
+
+
+def weighted_sum(kernels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """``sum_i w_i * k_i``: kernels (K, D, l), weights (K, D) -> one kernel (1, D, l)."""
+    return (kernels * weights[..., None]).sum(dim=0, keepdim=True)
+
+
 def toeplitz(fwd: torch.Tensor, bwd: torch.Tensor | None, seq_len: int) -> torch.Tensor:
     """Per-channel Toeplitz matrices ``T[..., t, s] = k(t - s)`` (..., L, L) of a (forward, backward) kernel pair.
 
@@ -119,14 +140,38 @@ def toeplitz_conv(u: torch.Tensor, matrices: torch.Tensor) -> torch.Tensor:
     return out.permute(3, 0, 1, 2)
 
 
+class Packed(NamedTuple):
+    """A prepared input of the FFT path: the length-``n`` spectrum of pairs of batch rows packed as one complex row
+    (``u[2j] + i u[2j+1]``, a zero row after an odd batch), and the batch size to unpack to."""
+    spectrum: torch.Tensor  # (ceil(B / 2), D, n) complex
+    batch: int
+
+
+def pack_pairs(x: torch.Tensor) -> torch.Tensor:
+    """Real (B, ...) -> complex (ceil(B / 2), ...): rows ``2j`` and ``2j + 1`` as real and imaginary parts.
+
+    A convolution, its adjoint and a correlation with REAL kernels act on the two parts separately, so one complex
+    FFT of size ``n`` does the work of two real ones (torch's real inverse FFT copies its input first on CPU and
+    runs at about half the speed of the complex one there)."""
+    if x.shape[0] % 2:
+        x = torch.cat([x, x.new_zeros(1, *x.shape[1:])])
+    return torch.complex(x[0::2], x[1::2])
+
+
+def unpack_pairs(z: torch.Tensor, batch: int) -> torch.Tensor:
+    """Inverse of ``pack_pairs``: complex (ceil(B / 2), ...) -> real (B, ...)."""
+    return torch.stack((z.real, z.imag), dim=1).flatten(0, 1)[:batch]
+
+
 class LongConv:
     """K depthwise linear convolutions of a length-L input and the two adjoints a hand-written backward needs.
 
     ``fwd`` (K, D, lf) and ``bwd`` (K, D, lb) or None are kernels already truncated to L (``truncate``). ``impl``:
-    ``fft`` (a spectrum of FFT size ``n``), ``toeplitz`` (per-channel Toeplitz matrices) or ``triton``: up to
-    ``TRITON_MAX_LEN`` Toeplitz tiles generated on the fly from the lag vectors (``models.triton_toeplitz``), above it
-    the fused FFT kernel (``models.triton_fft``; ``self.impl`` then reads ``triton_fft``). Inputs go through
-    ``prepare`` once (their spectrum, or themselves), so a backward that needs the input twice transforms it once.
+    ``fft`` (the kernels' complex spectrum of FFT size ``n``, inputs packed two batch rows per complex row:
+    ``pack_pairs``), ``toeplitz`` (per-channel Toeplitz matrices) or ``triton``: up to ``TRITON_MAX_LEN`` Toeplitz
+    tiles generated on the fly from the lag vectors (``models.triton_toeplitz``), above it the fused FFT kernel
+    (``models.triton_fft``; ``self.impl`` then reads ``triton_fft``). Inputs go through ``prepare`` once (their
+    spectrum, or themselves), so a backward that needs the input twice transforms it once.
     """
 
     def __init__(self, fwd: torch.Tensor, bwd: torch.Tensor | None, length: int, impl: str) -> None:
@@ -150,53 +195,89 @@ class LongConv:
             self.span = (-self.len_bwd, self.len_fwd - 1)
         else:
             self.n = fft_size(length, self.len_fwd, self.len_bwd)
-            self.operator = kernel_spectrum(fwd, bwd, self.n)
+            self.operator = torch.fft.fft(circular_kernel(fwd, bwd, self.n))  # (K, D, n)
 
-    def prepare(self, u: torch.Tensor) -> torch.Tensor:
-        """(B, D, L) -> what ``conv`` and ``kernel_grad`` take: the input's spectrum (FFT) or the input itself."""
-        return torch.fft.rfft(u, n=self.n) if self.impl == "fft" else u
+    def prepare(self, u: torch.Tensor) -> torch.Tensor | Packed:
+        """(B, D, L) -> what ``conv`` and ``kernel_grad`` take: the packed input's spectrum (FFT) or the input."""
+        if self.impl == "fft":
+            return Packed(torch.fft.fft(pack_pairs(u), n=self.n), u.shape[0])
+        return u
 
-    def conv(self, x: torch.Tensor) -> torch.Tensor:
-        """``k_i * u`` for every kernel: prepared input -> (B, K, D, L)."""
+    def _spectral_conv(self, x: Packed, scale: torch.Tensor | None, center: torch.Tensor | None) -> torch.Tensor:
+        """The FFT path's ``conv`` before unpacking: (ceil(B/2), K, D, n) complex, valid on the first L points."""
+        spectrum = self.operator if scale is None else self.operator * scale[..., None]
+        product = x.spectrum.unsqueeze(1) * spectrum
+        if center is not None:  # a constant on every output (both packed rows): the DC bin carries n times it
+            shift = self.n * (center if scale is None else center * scale)
+            product[..., 0] -= torch.complex(shift, shift)
+        return torch.fft.ifft(product)
+
+    def conv(self, x: torch.Tensor | Packed, scale: torch.Tensor | None = None, center: torch.Tensor | None = None
+             ) -> torch.Tensor:
+        """``k_i * u`` for every kernel: prepared input -> (B, K, D, L); with ``center`` and ``scale`` (K, D),
+        ``(k_i * u - center_i) * scale_i`` (the FFT applies both to the spectrum: no pass over the output)."""
+        if self.impl == "fft":
+            return unpack_pairs(self._spectral_conv(x, scale, center)[..., : self.length], x.batch)
         if self.impl == "toeplitz":
-            return toeplitz_conv(x, self.operator)
-        if self.impl == "triton":
+            out = toeplitz_conv(x, self.operator)
+        elif self.impl == "triton":
             from . import triton_toeplitz
-            return triton_toeplitz.toeplitz_conv(x, self.operator, *self.span)
-        if self.impl == "triton_fft":
+            out = triton_toeplitz.toeplitz_conv(x, self.operator, *self.span)
+        else:
             from . import triton_fft
-            return triton_fft.fft_conv(x, self.operator, *self.dft)
-        return torch.fft.irfft(x.unsqueeze(1) * self.operator, n=self.n)[..., : self.length]
+            out = triton_fft.fft_conv(x, self.operator, *self.dft)
+        if center is not None:
+            out = out - center[..., None]
+        return out if scale is None else out * scale[..., None]
+
+    def centred_square_sums(self, x: torch.Tensor | Packed, center: torch.Tensor) -> torch.Tensor:
+        """``sum_{b,t} (k_i * u - center_i)^2`` over batch and the L outputs: (K, D), the outputs never kept."""
+        if self.impl == "fft":
+            out = self._spectral_conv(x, None, center)[..., : self.length]
+            if x.batch % 2:  # the zero row after an odd batch comes out as -center: leave it out
+                last = out[-1].real
+                out = out[:-1]
+                return torch.view_as_real(out).square().sum(dim=(0, -2, -1)) + torch.linalg.vecdot(last, last)
+            return torch.view_as_real(out).square().sum(dim=(0, -2, -1))  # re^2 + im^2: both packed rows
+        out = self.conv(x, center=center)
+        return torch.linalg.vecdot(out, out).sum(dim=0)
+
+    def backward_conv(self, x: torch.Tensor | Packed, scale: torch.Tensor, center: torch.Tensor,
+                      input_grad: bool = True) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
+        """``backward(conv(x, scale, center), x)``: the gradients that its own centred, scaled outputs send back,
+        without keeping them (the FFT transforms them back in their packed buffer: no unpacking, no padded copy)."""
+        if self.impl != "fft":
+            return self.backward(self.conv(x, scale, center), x, input_grad)
+        out = self._spectral_conv(x, scale, center)
+        out[..., self.length:] = 0  # the linear convolution's outputs only
+        return self._spectral_backward(torch.fft.fft(out), x, input_grad, x.batch)
 
     def adjoint(self, dc: torch.Tensor) -> torch.Tensor:
         """``sum_i k_i^T dc_i``: (B, K, D, L) -> (B, D, L), the gradient of ``conv`` with respect to its input."""
         return self.backward(dc, None)[0]
 
-    def kernel_grad(self, dc: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def kernel_grad(self, dc: torch.Tensor, x: torch.Tensor | Packed) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``g_i[lag] = sum_{b,t} dc_i[b, t] u[b, t - lag]``, the gradient of ``conv`` with respect to the kernels:
         (B, K, D, L) and the prepared input -> forward taps (K, D, lf), backward taps (K, D, lb) or None."""
         _, fwd, bwd = self.backward(dc, x, input_grad=False)
         return fwd, bwd
 
-    def backward(self, dc: torch.Tensor, x: torch.Tensor | None, input_grad: bool = True
+    def backward(self, dc: torch.Tensor, x: torch.Tensor | Packed | None, input_grad: bool = True
                  ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
         """Both gradients of ``conv`` from one transform of ``dc``: (input gradient or None, forward-tap gradient,
         backward-tap gradient); the kernel gradients are None when ``x`` (the prepared input) is None."""
         length = self.length
         grad_u = fwd = bwd = None
         if self.impl == "fft":
-            dc_f = torch.fft.rfft(dc, n=self.n)
-            if input_grad:
-                grad_u = torch.fft.irfft((dc_f * self.operator.conj()).sum(dim=1), n=self.n)[..., :length]
-            if x is not None:
-                fwd, bwd = self._spectral_kernel_grad(dc_f, x)
-            return grad_u, fwd, (bwd if self.has_bwd else None)
+            return self._spectral_backward(torch.fft.fft(pack_pairs(dc), n=self.n), x, input_grad, dc.shape[0])
         if self.impl == "triton_fft":
             from . import triton_fft
             if input_grad:
                 grad_u = triton_fft.fft_adjoint(dc, self.operator, *self.dft)
             if x is not None:  # a sum over the batch, not a per-row transform: left to torch.fft
-                fwd, bwd = self._spectral_kernel_grad(torch.fft.rfft(dc, n=self.n), torch.fft.rfft(x, n=self.n))
+                corr = torch.fft.irfft((torch.fft.rfft(dc, n=self.n) * torch.fft.rfft(x, n=self.n).conj().unsqueeze(1))
+                                       .sum(dim=0), n=self.n)
+                fwd, bwd = self._lags(corr)
             return grad_u, fwd, (bwd if self.has_bwd else None)
         if input_grad and self.impl == "triton":
             from . import triton_toeplitz
@@ -212,10 +293,24 @@ class LongConv:
             bwd = lags[..., length - 1 - self.len_bwd: length - 1].flip(-1)
         return grad_u, fwd, (bwd if self.has_bwd else None)
 
-    def _spectral_kernel_grad(self, dc_f: torch.Tensor, x_f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The kernel gradients from the spectra of ``dc`` (B, K, D, n//2+1) and the input (B, D, n//2+1)."""
-        corr = torch.fft.irfft((dc_f * x_f.conj().unsqueeze(1)).sum(dim=0), n=self.n)
-        # lag j at index j, lag -(j+1) at index n-1-j
+    def _spectral_backward(self, dc_f: torch.Tensor, x: Packed | None, input_grad: bool, batch: int
+                           ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """``backward`` from the packed spectrum of ``dc`` (ceil(B/2), K, D, n)."""
+        grad_u = fwd = bwd = None
+        if input_grad:  # the adjoint's spectrum, summed over kernels one at a time: no (B, K, D, n) product
+            grad_f = dc_f[:, 0] * self.operator[0].conj()
+            for i in range(1, dc_f.shape[1]):
+                grad_f.addcmul_(dc_f[:, i], self.operator[i].conj())
+            grad_u = unpack_pairs(torch.fft.ifft(grad_f)[..., : self.length], batch)
+        if x is not None:
+            # sum_j DZ_j conj(X_j) over packed rows = (the wanted correlation) + i (cross terms, real in time): the
+            # real part of its inverse transform is sum_b dc_b (x) u_b
+            corr = torch.fft.ifft((dc_f * x.spectrum.conj().unsqueeze(1)).sum(dim=0)).real
+            fwd, bwd = self._lags(corr)
+        return grad_u, fwd, (bwd if self.has_bwd else None)
+
+    def _lags(self, corr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward and backward taps of a circular correlation (K, D, n): lag j at index j, lag -(j+1) at n-1-j."""
         return corr[..., : self.len_fwd], corr[..., self.n - self.len_bwd:].flip(-1)
 
 

@@ -135,7 +135,7 @@ def test_resolutions_follow_the_paper_stage_layout():
 def test_long_conv_and_its_adjoints_equal_naive_convolution(impl, length, bidirectional):
     """``conv`` against the naive loop; ``adjoint`` and ``kernel_grad`` against autograd of that loop."""
     torch.manual_seed(length)
-    u = torch.randn(2, 3, length, dtype=torch.float64, requires_grad=True)
+    u = torch.randn(3, 3, length, dtype=torch.float64, requires_grad=True)  # odd: the FFT packs rows in pairs
     for klen in (1, 4, length, 2 * length + 3):  # shorter and longer than the input
         kernels = torch.randn(2 if bidirectional else 1, 2, 3, klen, dtype=torch.float64, requires_grad=True)
         fwd, bwd = K.truncate(kernels, length)
@@ -154,6 +154,41 @@ def test_long_conv_and_its_adjoints_equal_naive_convolution(impl, length, bidire
             torch.testing.assert_close(dk_bwd, ref_dk[1, ..., : bwd.shape[-1]], rtol=1e-10, atol=1e-10)
         else:
             assert dk_bwd is None
+
+
+@pytest.mark.parametrize("impl", ["fft", "toeplitz"])
+@pytest.mark.parametrize("length", [1, 6, 13])
+@pytest.mark.parametrize("bidirectional", [True, False])
+def test_centred_scaled_outputs_and_their_backward_equal_naive(impl, length, bidirectional):
+    """The pieces of the training form: ``window_means``, ``conv(scale, center)``, ``centred_square_sums`` and
+    ``backward_conv`` against the naive convolution, for odd and even batches (the FFT packs rows in pairs)."""
+    torch.manual_seed(length)
+    for batch in (1, 2, 3):
+        u = torch.randn(batch, 3, length, dtype=torch.float64) + 0.7
+        kernels = torch.randn(2 if bidirectional else 1, 2, 3, length + 2, dtype=torch.float64)
+        fwd, bwd = K.truncate(kernels, length)
+        c = torch.stack([naive_conv(u, fwd[i], None if bwd is None else bwd[i]) for i in range(2)], 1)
+        mean = c.mean(dim=(0, 3))
+        torch.testing.assert_close(K.window_means(u, fwd, bwd), mean, rtol=1e-12, atol=1e-12)
+        scale = torch.rand(2, 3, dtype=torch.float64) + 0.5
+        op = K.LongConv(fwd, bwd, length, impl)
+        prepared = op.prepare(u)
+        centred = (c - mean[..., None]) * scale[..., None]
+        torch.testing.assert_close(op.conv(prepared, scale, mean), centred, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(op.centred_square_sums(prepared, mean),
+                                   (c - mean[..., None]).square().sum(dim=(0, 3)), rtol=1e-10, atol=1e-10)
+        for got, want in zip(op.backward_conv(prepared, scale, mean), op.backward(centred, prepared)):
+            if want is None:
+                assert got is None
+            else:
+                torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+def test_packed_pairs_round_trip():
+    x = torch.randn(5, 2, 7)
+    z = K.pack_pairs(x)
+    assert z.shape == (3, 2, 7) and torch.equal(z[:, 0].real, x[0::2, 0]) and torch.equal(z[-1].imag, torch.zeros(2, 7))
+    assert torch.equal(K.unpack_pairs(z, 5), x)
 
 
 def test_diagonal_sums_equal_a_loop():
@@ -388,6 +423,18 @@ def test_training_form_equals_reference_in_float64(kernel_type, bidirectional, i
     layer = moved_layer(kernel_type, bidirectional, impl)
     # the layout length, a prime, shorter than l0, one position, and batch size 1
     for length, batch in ((40, 3), (23, 2), (3, 4), (1, 5), (57, 1)):
+        u = 2 * torch.randn(batch, layer.dim, length, dtype=torch.float64) + 0.5
+        compare_with_reference(layer, u, impl, rtol=1e-9)
+
+
+@pytest.mark.parametrize("impl", ["fft", "toeplitz"])
+@pytest.mark.parametrize("bidirectional", [True, False])
+@pytest.mark.parametrize("kernel_type", ["fourier_sparse", "sparse", "dense"])
+def test_single_branch_training_form_equals_reference_in_float64(kernel_type, bidirectional, impl):
+    """One resolution (``L <= l0``, MRConvNeXt's late stages) takes its own path: no merged kernel."""
+    layer = moved_layer(kernel_type, bidirectional, impl, seq_len=16, l0=16)
+    assert layer.num_branches == 1
+    for length, batch in ((16, 3), (7, 2), (1, 5), (20, 1)):
         u = 2 * torch.randn(batch, layer.dim, length, dtype=torch.float64) + 0.5
         compare_with_reference(layer, u, impl, rtol=1e-9)
 
