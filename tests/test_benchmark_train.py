@@ -51,3 +51,44 @@ def test_cli_measures_each_model_and_its_peer_at_each_world_size(tmp_path):
     assert mrconv[4] == f"{speed[('mrconvnext_atto', 2)] / speed[('convnext_atto', 2)]:.2f}x"
     assert len(convnext) == 4  # the peer is not compared with itself
     assert re.fullmatch(r"[\d,]+", mrconv[0]) and int(mrconv[0].replace(",", "")) == results[0]["params"]
+
+
+def test_table_takes_medians_over_rounds_and_pairs_ratios_within_a_round():
+    from pipelines.benchmark.train_speed import peer_ratios, table
+
+    def row(model, rnd, speed):
+        return {"model": model, "ranks": 2, "round": rnd, "images_per_sec": speed, "params": 7, "step_ms": 1.0}
+    # round 1 ran on a slow machine: both models slowed down, their ratio did not
+    results = [row("mrconvnext_atto", 0, 80.0), row("convnext_atto", 0, 100.0),
+               row("convnext_atto", 1, 50.0), row("mrconvnext_atto", 1, 40.0),
+               row("mrconvnext_atto", 2, 90.0), row("convnext_atto", 2, 100.0)]
+    assert peer_ratios(results, "mrconvnext_atto", 2) == [0.8, 0.8, 0.9]
+    lines = table(results, [2]).splitlines()
+    mr = lines[2].split()
+    assert mr[0] == "mrconvnext_atto" and mr[2] == "80.0" and mr[3] == "0.80x"  # medians, not 80/100 of the rows
+    assert lines[3].split()[2] == "100.0"
+
+
+@pytest.mark.slow
+def test_cli_rounds_alternate_the_model_order(tmp_path):
+    results_json = tmp_path / "r.json"
+    proc = subprocess.run([sys.executable, "-m", "pipelines.benchmark", "train", "--models", "mrconvnext_atto",
+                           "--ranks", "1", "--batch-size", "2", "--img-size", "32", "--steps", "1", "--warmup", "1",
+                           "--num-classes", "10", "--rounds", "2", "--json", str(results_json)], cwd=ROOT,
+                          env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore"), capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    results = json.loads(results_json.read_text())
+    assert [(r["model"], r["round"]) for r in results] == [("mrconvnext_atto", 0), ("convnext_atto", 0),
+                                                           ("convnext_atto", 1), ("mrconvnext_atto", 1)]
+    speed = {(r["model"], r["round"]): r["images_per_sec"] for r in results}
+    ratios = [speed[("mrconvnext_atto", k)] / speed[("convnext_atto", k)] for k in (0, 1)]
+    assert (f"mrconvnext_atto vs convnext_atto per round: {ratios[0]:.2f} {ratios[1]:.2f} "
+            f"(median {(ratios[0] + ratios[1]) / 2:.2f})") in proc.stdout
+    assert "2 round(s) (medians)" in proc.stdout
+
+
+def test_cli_rejects_zero_rounds_in_one_line():
+    proc = subprocess.run([sys.executable, "-m", "pipelines.benchmark", "train", "--rounds", "0"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip() == "--rounds must be at least 1, got 0"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -86,8 +87,24 @@ def measure(model: str, ranks: int, args: argparse.Namespace) -> dict:
     raise RuntimeError(f"{model} on {ranks} ranks failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}")
 
 
+def peer_ratios(results: list[dict], name: str, ranks: int) -> list[float]:
+    """``name``'s img/s over its peer's at ``ranks`` ranks, one ratio per round (both measured in that round)."""
+    peer = peer_of(name)
+    by = {(r["model"], r["ranks"], r.get("round", 0)): r["images_per_sec"] for r in results}
+    rounds = sorted({r.get("round", 0) for r in results})
+    return [by[(name, ranks, k)] / by[(peer, ranks, k)] for k in rounds
+            if peer and (name, ranks, k) in by and (peer, ranks, k) in by]
+
+
 def table(results: list[dict], ranks: list[int]) -> str:
-    by = {(r["model"], r["ranks"]): r for r in results}
+    """One row per model: params, img/s per world size (the median over rounds), scaling efficiency and the ratio to
+    its ConvNeXt peer at the largest world size (the median of the per-round ratios)."""
+    speeds: dict[tuple[str, int], list[float]] = {}
+    params = {}
+    for r in results:
+        speeds.setdefault((r["model"], r["ranks"]), []).append(r["images_per_sec"])
+        params[r["model"]] = r["params"]
+    speed = {key: statistics.median(values) for key, values in speeds.items()}
     names = list(dict.fromkeys(r["model"] for r in results))
     head = f"{'model':20s} {'params':>10s}" + "".join(f" {f'{n} rank img/s':>14s}" for n in ranks)
     if len(ranks) > 1:
@@ -95,14 +112,12 @@ def table(results: list[dict], ranks: list[int]) -> str:
     head += f" {'vs convnext':>11s}"
     lines = [head, "-" * len(head)]
     for name in names:
-        row = f"{name:20s} {by[(name, ranks[0])]['params']:>10,d}"
-        row += "".join(f" {by[(name, n)]['images_per_sec']:>14.1f}" for n in ranks)
-        base = by[(name, ranks[0])]["images_per_sec"] / ranks[0]  # per-rank throughput at the smallest world
-        row += "".join(f" {by[(name, n)]['images_per_sec'] / (n * base):>8.2f}" for n in ranks[1:])
-        peer = peer_of(name)
-        ratio = (by[(name, ranks[-1])]["images_per_sec"] / by[(peer, ranks[-1])]["images_per_sec"]
-                 if peer and (peer, ranks[-1]) in by else None)
-        row += f" {ratio:>10.2f}x" if ratio else f" {'':>11s}"
+        row = f"{name:20s} {params[name]:>10,d}"
+        row += "".join(f" {speed[(name, n)]:>14.1f}" for n in ranks)
+        base = speed[(name, ranks[0])] / ranks[0]  # per-rank throughput at the smallest world
+        row += "".join(f" {speed[(name, n)] / (n * base):>8.2f}" for n in ranks[1:])
+        ratios = peer_ratios(results, name, ranks[-1])
+        row += f" {statistics.median(ratios):>10.2f}x" if ratios else f" {'':>11s}"
         lines.append(row)
     return "\n".join(lines)
 
@@ -120,6 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--zero-stage", type=int, default=0)
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
     p.add_argument("--num-classes", type=int, default=1000)
+    p.add_argument("--rounds", type=int, default=1,
+                   help="measure every cell this many times, the model order reversed every other round; the table "
+                        "shows medians (on a shared machine the ratio of one round can be off by 0.1 or more)")
     p.add_argument("--json", default=None, help="also write the results here")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--model", default=None, help=argparse.SUPPRESS)
@@ -134,16 +152,28 @@ def main(argv: Optional[list[str]] = None) -> int:
     for name in args.models.split(","):
         names += [name] + ([peer_of(name)] if peer_of(name) else [])
     ranks = [int(r) for r in args.ranks.split(",")]
+    if args.rounds < 1:
+        print(f"--rounds must be at least 1, got {args.rounds}", file=sys.stderr)
+        return 2
     results = []
-    for name in dict.fromkeys(names):
-        for n in ranks:
-            results.append(measure(name, n, args))
-            print(f"  {name} x{n} rank(s): {results[-1]['images_per_sec']:.1f} img/s", flush=True)
+    order = list(dict.fromkeys(names))
+    for k in range(args.rounds):
+        for name in (order if k % 2 == 0 else order[::-1]):  # drift of a shared machine cancels over two rounds
+            for n in ranks:
+                results.append(dict(measure(name, n, args), round=k))
+                label = f" (round {k + 1}/{args.rounds})" if args.rounds > 1 else ""
+                print(f"  {name} x{n} rank(s): {results[-1]['images_per_sec']:.1f} img/s{label}", flush=True)
     print(f"\nDeepSpeed training throughput, synthetic data (one fixed random batch), batch {args.batch_size}/rank, "
           f"{args.img_size}px, ZeRO-{args.zero_stage}, {args.precision}, {args.steps} timed steps after "
-          f"{args.warmup} warm-up, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '1')}; eff@N = img/s at N "
-          f"ranks / (N x per-rank img/s at {ranks[0]} rank(s)); vs convnext at {ranks[-1]} rank(s)\n")
+          f"{args.warmup} warm-up, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '1')}, {args.rounds} round(s) "
+          f"(medians); eff@N = img/s at N ranks / (N x per-rank img/s at {ranks[0]} rank(s)); vs convnext at "
+          f"{ranks[-1]} rank(s)\n")
     print(table(results, ranks))
+    for name in order:
+        ratios = peer_ratios(results, name, ranks[-1])
+        if len(ratios) > 1:
+            print(f"{name} vs {peer_of(name)} per round: {' '.join(f'{r:.2f}' for r in ratios)} "
+                  f"(median {statistics.median(ratios):.2f})")
     if args.json:
         with atomic_write(args.json) as tmp, open(tmp, "w") as f:
             json.dump(results, f, indent=1)
