@@ -17,6 +17,8 @@ from PIL import Image
 from train import checkpoint as ckpt
 
 FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
+# `pipelines.benchmark models` at its smallest: one timed iteration at 32 px, batch 2
+BENCH_TINY = ["--img-size", "32", "--batch-size", "2", "--warmup", "1", "--iters", "1", "--rounds", "1"]
 TRAIN_SAMPLES, VAL_SAMPLES, SHARD_SIZE = 256, 96, 32
 
 

@@ -8,11 +8,11 @@ import pytest
 
 from pipelines.benchmark import model_speed as bench
 from pipelines.flops import FFT_CONVENTION
+from tests.conftest import BENCH_TINY
 
 TIMM_BENCH_COLUMNS = ["model", "infer_img_size", "infer_samples_per_sec", "infer_step_time", "infer_batch_size",
                       "param_count", "infer_gmacs", "infer_macts"]
 PEAK_MEM = ["infer_peak_mem_gib"]  # after timm's columns; CUDA only (empty here)
-TINY = ["--img-size", "32", "--batch-size", "2", "--warmup", "1", "--iters", "1", "--rounds", "1"]
 
 
 def read(path) -> tuple[list[str], list[dict]]:
@@ -23,7 +23,7 @@ def read(path) -> tuple[list[str], list[dict]]:
 
 def test_cli_writes_timm_columns_with_both_forms_side_by_side(tmp_path, capsys):
     out = tmp_path / "b.csv"
-    argv = ["--models", "mrconvnext_atto@fused", "mrconvnext_atto@unfused", "convnext_atto", *TINY, "--train",
+    argv = ["--models", "mrconvnext_atto@fused", "mrconvnext_atto@unfused", "convnext_atto", *BENCH_TINY, "--train",
             "--channels-last",  # the unfused MRConv has a 5D parameter
             "--csv", str(out)]
     assert bench.main(argv) == 0
@@ -47,7 +47,7 @@ def test_cli_writes_timm_columns_with_both_forms_side_by_side(tmp_path, capsys):
 
 def test_reparam_without_train_and_without_flops(tmp_path):
     out = tmp_path / "b.csv"
-    assert bench.main(["--models", "mrconvnext_atto", *TINY, "--reparam", "--no-flops", "--csv", str(out)]) == 0
+    assert bench.main(["--models", "mrconvnext_atto", *BENCH_TINY, "--reparam", "--no-flops", "--csv", str(out)]) == 0
     columns, rows = read(out)
     assert columns == TIMM_BENCH_COLUMNS + PEAK_MEM and rows[0]["infer_gmacs"] == ""
     assert json.loads((tmp_path / "b.csv.json").read_text())["forms"]["mrconvnext_atto"] == "fused"
@@ -56,23 +56,23 @@ def test_reparam_without_train_and_without_flops(tmp_path):
 def test_bad_model_specs_fail_clearly(capsys):
     with pytest.raises(ValueError, match="fused, unfused"):
         bench.parse_spec("convnext_atto@folded")
-    assert bench.main(["--models", "convnext_atto@fused", *TINY, "--no-flops"]) == 2
+    assert bench.main(["--models", "convnext_atto@fused", *BENCH_TINY, "--no-flops"]) == 2
     assert "no fused form" in capsys.readouterr().err
-    assert bench.main(["--models", "convnext_atto", "convnext_atto", *TINY]) == 2
+    assert bench.main(["--models", "convnext_atto", "convnext_atto", *BENCH_TINY]) == 2
     assert "listed twice" in capsys.readouterr().err
 
 
 def test_model_kwargs_go_to_mrconv_models_or_to_the_named_model_only(tmp_path, capsys):
     """conv_impl is MRConv's: before, every kwarg also reached the ConvNeXt peer, which crashed on it."""
     out = tmp_path / "b.csv"
-    assert bench.main(["--models", "mrconvnext_atto@fused", "convnext_atto", *TINY, "--no-flops", "--csv", str(out),
+    assert bench.main(["--models", "mrconvnext_atto@fused", "convnext_atto", *BENCH_TINY, "--no-flops", "--csv", str(out),
                        "--model-kwargs", "conv_impl=fft", "min_l0=2", "convnext_atto:ls_init_value=0.5"]) == 0
     meta = json.loads((tmp_path / "b.csv.json").read_text())
     assert meta["kwargs"] == {"mrconvnext_atto@fused": {"conv_impl": "fft", "min_l0": 2},
                               "convnext_atto": {"ls_init_value": 0.5}}
     assert meta["device"] == "CPU"
     capsys.readouterr()
-    assert bench.main(["--models", "convnext_atto", *TINY, "--model-kwargs", "convnext_tiny:depths=[1,1,1,1]"]) == 2
+    assert bench.main(["--models", "convnext_atto", *BENCH_TINY, "--model-kwargs", "convnext_tiny:depths=[1,1,1,1]"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "'convnext_tiny' is not among --models" in err
 

@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from pipelines import compare, plot
-from tests.test_slurm import deepspeed_ops_built, slurm_env, wait_job, _read  # noqa: F401  (fixtures)
+from tests.slurm_cluster import deepspeed_ops_built, read_log, slurm_env, wait_job  # noqa: F401  (fixtures)
 
 REPO = Path(__file__).resolve().parent.parent
 MR, PEER = "mrconvnext_atto", "convnext_atto"
@@ -132,7 +132,7 @@ def test_slurm_array_then_collect(slurm_env, shards, tmp_path):
     array_id = re.search(r"submitted job array (\d+)", res.stdout).group(1)
     for i, name in enumerate((MR, PEER)):
         log = out / "logs" / f"mrconv-sweep-{array_id}_{i}.out"
-        assert wait_job(slurm_env, f"{array_id}_{i}", log)["JobState"] == "COMPLETED", _read(log)
+        assert wait_job(slurm_env, f"{array_id}_{i}", log)["JobState"] == "COMPLETED", read_log(log)
         assert json.loads((out / name / "summary.json").read_text())["step"] == STEPS
     collect = subprocess.run([sys.executable, "-m", "pipelines.compare", *args(shards, out, f"{MR},{PEER}"),
                               "--collect"], env=slurm_env, cwd=REPO, capture_output=True, text=True, timeout=600)

@@ -12,7 +12,7 @@ from PIL import Image
 
 from pipelines.data import decode, loader as data
 from pipelines.benchmark.loader import synthetic_jpeg
-from tests.test_loader import write_split
+from tests.shard_helpers import write_split
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import save_file
 
 import models  # noqa: F401
-from tests.test_loader import write_split
+from tests.shard_helpers import write_split
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")

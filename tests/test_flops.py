@@ -6,7 +6,6 @@ import math
 
 import timm
 import pytest
-import torch
 
 import models  # noqa: F401
 from models import MRConv

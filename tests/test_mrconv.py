@@ -11,28 +11,13 @@ from models import MRConv
 from models import kernels as K
 from models.branch_norm import BranchConvBatchNorm
 
-from .mrconv_reference import dilated_conv, reference_forward
+from .mrconv_reference import compare_with_reference, dilated_conv, moved_layer, naive_conv, reference_forward
 
 KERNEL_TYPES = K.KERNEL_TYPES
 torch.set_num_threads(1)
 
 
 # ----------------------------------------------------------------------------------------------- naive references
-def naive_conv(u: torch.Tensor, fwd: torch.Tensor, bwd: torch.Tensor | None) -> torch.Tensor:
-    """y[b, d, t] = sum_j fwd[d, j] u[t - j] + sum_j bwd[d, j] u[t + j + 1], zero outside [0, L)."""
-    b, d, length = u.shape
-    y = torch.zeros_like(u)
-    for t in range(length):
-        for j in range(fwd.shape[-1]):
-            if 0 <= t - j < length:
-                y[:, :, t] += fwd[:, j] * u[:, :, t - j]
-        if bwd is not None:
-            for j in range(bwd.shape[-1]):
-                if t + j + 1 < length:
-                    y[:, :, t] += bwd[:, j] * u[:, :, t + j + 1]
-    return y
-
-
 def naive_fourier(modes: torch.Tensor, length: int) -> torch.Tensor:
     """k[t] = Re sum_f c_f X_f exp(2 pi i f t / n), c_0 = 1, c_f = 2 (and 1 at Nyquist): irfft with norm='forward'."""
     t = torch.arange(length, dtype=torch.float64)
@@ -378,44 +363,6 @@ def test_wrong_input_shape_raises_value_error(shape):
 
 
 # ------------------------------------------------------------------------------------- the training form (issue 11)
-def moved_layer(kernel_type: str, bidirectional: bool, impl: str, dtype=torch.float64, dim=4, seed=0,
-                seq_len=40, l0=5) -> MRConv:
-    """A layer in train mode whose BatchNorm affine, running statistics and ``alpha`` are far from their init."""
-    torch.manual_seed(seed)
-    layer = MRConv(dim, seq_len, l0, kernel_type=kernel_type, bidirectional=bidirectional, conv_impl=impl, seed=seed)
-    layer = layer.to(dtype)
-    with torch.no_grad():
-        layer.norm.running_mean.normal_()
-        layer.norm.running_var.uniform_(0.5, 2.0)
-        layer.norm.num_batches_tracked.fill_(7)
-        layer.norm.weight.normal_()
-        layer.norm.bias.normal_()
-        layer.alpha.normal_()
-    return layer
-
-
-def compare_with_reference(layer: MRConv, u: torch.Tensor, impl: str, rtol: float) -> None:
-    """Output, input gradient, every parameter gradient and the running statistics of one training step."""
-    layer.zero_grad(set_to_none=True)
-    ref = copy.deepcopy(layer)
-    u1, u2 = u.clone().requires_grad_(), u.clone().requires_grad_()
-    y, y_ref = layer(u1), reference_forward(ref, u2, impl)
-    grad = torch.randn_like(y_ref)
-    (y * grad).sum().backward()
-    (y_ref * grad).sum().backward()
-
-    def close(a, b, what):
-        assert (a - b).abs().max() <= rtol * b.abs().max(), what
-
-    close(y, y_ref, "output")
-    close(u1.grad, u2.grad, "input gradient")
-    for (name, p), p_ref in zip(layer.named_parameters(), ref.parameters()):
-        close(p.grad, p_ref.grad, name)
-    for name in ("running_mean", "running_var"):
-        close(getattr(layer.norm, name), getattr(ref.norm, name), name)
-    assert layer.norm.num_batches_tracked == ref.norm.num_batches_tracked
-
-
 @pytest.mark.parametrize("impl", ["fft", "toeplitz"])
 @pytest.mark.parametrize("bidirectional", [True, False])
 @pytest.mark.parametrize("kernel_type", KERNEL_TYPES)

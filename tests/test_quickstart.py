@@ -13,8 +13,7 @@ import pytest
 
 from pipelines import quickstart
 from pipelines.benchmark.__main__ import main as benchmark
-from tests.conftest import FASHION_MNIST, require
-from tests.test_benchmark_models import TINY
+from tests.conftest import BENCH_TINY, FASHION_MNIST, require
 
 
 @pytest.fixture
@@ -105,7 +104,7 @@ def test_help_lists_the_six_steps(capsys):
 def test_quickstart_summary_and_plot_title_name_the_benchmarks_device(tmp_path):
     out = tmp_path / "b.csv"
     assert benchmark(["models", "--models", "mrconvnext_atto@fused", "mrconvnext_atto@unfused", "convnext_atto",
-                      *TINY, "--no-flops", "--csv", str(out)]) == 0
+                      *BENCH_TINY, "--no-flops", "--csv", str(out)]) == 0
     title, line = quickstart.throughput_summary(str(out), "mrconvnext_atto", "convnext_atto")
     assert "CPU inference throughput" in title and line.startswith("throughput (CPU)")
     meta = json.loads((tmp_path / "b.csv.json").read_text())

@@ -13,14 +13,7 @@ import pytest
 from PIL import Image
 
 from pipelines.data import shards
-
-
-def jpeg_bytes(seed: int, size: int = 32, mode: str = "RGB") -> bytes:
-    rng = np.random.default_rng(seed)
-    shape = (size, size, 3) if mode == "RGB" else (size, size)
-    buf = io.BytesIO()
-    Image.fromarray(rng.integers(0, 255, shape, dtype=np.uint8), mode).save(buf, format="JPEG", quality=85)
-    return buf.getvalue()
+from tests.shard_helpers import jpeg_bytes
 
 
 def make_imagefolder(root, classes=("n01", "n02", "n03"), per_class: int = 8, bad: bool = True) -> dict:

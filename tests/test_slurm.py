@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -22,16 +21,14 @@ import pytest
 import yaml
 
 from slurm.submit import TENSORBOARD_SUBDIR, JobPlan, SubmitError, plan_job
-from tests.conftest import TRAIN_SAMPLES, assert_same_model, final_weights, require
+from tests.conftest import TRAIN_SAMPLES, assert_same_model, final_weights
+from tests.slurm_cluster import (JOB_TIMEOUT, deepspeed_ops_built, job_info, read_log,  # noqa: F401
+                                 slurm_env, wait_job)  # (the fixtures by name)
 from train import checkpoint as ckpt
 from train.config import BatchPlan, ConfigError, load_config, plan_batches
 
 REPO = Path(__file__).resolve().parent.parent
-CLUSTER = REPO / "slurm" / "local_cluster.sh"
 PY = sys.executable
-TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
-SLURM_BINARIES = ("slurmctld", "slurmd", "sbatch", "munged")
-JOB_TIMEOUT = 240  # a job takes ~20 s here; generous for a loaded CI machine
 
 MICRO_BATCH, EPOCHS, CKPT_EVERY = 8, 3, 4
 # 256 samples / (8 per rank x 2 ranks) = 16 updates per epoch, 48 in all: about 5 s of training on 2 cores,
@@ -44,63 +41,6 @@ TINY = ["model.kwargs={img_size: 32, depths: [1, 1, 1, 1], dims: [8, 16, 24, 32]
         "logging.progress_bar=false", f"checkpoint.every_steps={CKPT_EVERY}"]
 # The batch plan of the dry-run and rejection tests: 256 = 8 x accum x world size.
 GLOBAL_256 = ["optim.global_batch_size=256", "data.batch_size=8"]
-
-
-def _have(binary: str) -> bool:
-    return shutil.which(binary) is not None or Path("/usr/sbin", binary).exists()
-
-
-@pytest.fixture(scope="session")
-def deepspeed_ops_built() -> None:
-    """DeepSpeed JIT-builds its shared-memory comm op in the first process group init (about 90 s on 2 busy
-    cores, then cached under $TORCH_EXTENSIONS_DIR or ~/.cache/torch_extensions, which the jobs share through
-    sbatch --export=ALL). Build it here, once and without a job's clock running, so that the first job on a
-    fresh machine is not the one that pays for it."""
-    code = ("import deepspeed\nfrom deepspeed.accelerator import get_accelerator\n"
-            "b = get_accelerator().create_op_builder('ShareMemCommBuilder')\n"
-            "if b is not None and deepspeed.ops.__compatible_ops__.get(b.NAME, False):\n    b.load()\n")
-    res = subprocess.run([PY, "-c", code], env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
-                         text=True, timeout=900)
-    assert res.returncode == 0, f"building DeepSpeed's shm op failed:\n{res.stdout}\n{res.stderr}"
-
-
-@pytest.fixture(scope="session")
-def slurm_env(deepspeed_ops_built) -> dict:
-    """A running local cluster and the environment to talk to it; brought down at the end if we started it."""
-    missing = [b for b in SLURM_BINARIES if not _have(b)]
-    require(not missing, f"SLURM not installed ({', '.join(missing)} missing): "
-                         "apt-get install -y slurmctld slurmd slurm-client munge")
-    state = os.environ.get("MRCONV_SLURM_DIR", "/tmp/mrconv-slurm")
-    # MRCONV_EXIT_WAIT: how long a rank whose peer was killed may hang in a collective before SLURM stops it.
-    env = {**os.environ, "MRCONV_SLURM_DIR": state, "SLURM_CONF": f"{state}/slurm.conf", "OMP_NUM_THREADS": "1",
-           "PYTHONWARNINGS": "ignore", "MRCONV_EXIT_WAIT": "10"}
-    was_up = subprocess.run(["bash", str(CLUSTER), "status"], env=env, capture_output=True).returncode == 0
-    up = subprocess.run(["bash", str(CLUSTER), "up"], env=env, capture_output=True, text=True, timeout=120)
-    if up.returncode != 0:
-        pytest.fail(f"local SLURM cluster did not start (rc {up.returncode}):\n{up.stdout}\n{up.stderr}", pytrace=False)
-    yield env
-    if not was_up:
-        subprocess.run(["bash", str(CLUSTER), "down"], env=env, capture_output=True, timeout=120)
-
-
-def _job(env: dict, job_id: str) -> dict:
-    out = subprocess.run(["scontrol", "show", "job", "-o", job_id], env=env, capture_output=True, text=True).stdout
-    return dict(re.findall(r"(\w+)=(\S*)", out))
-
-
-def _read(path: Path) -> str:
-    return path.read_text() if path.exists() else "(missing)"
-
-
-def wait_job(env: dict, job_id: str, log: Path, timeout: float = JOB_TIMEOUT) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        info = _job(env, job_id)
-        if info.get("JobState") in TERMINAL:
-            return info
-        time.sleep(0.5)
-    subprocess.run(["scancel", job_id], env=env)
-    pytest.fail(f"job {job_id} not done after {timeout}s: {_job(env, job_id)}\n--- {log}:\n{_read(log)}")
 
 
 def submit(env: dict, *args: str) -> subprocess.CompletedProcess:
@@ -128,9 +68,9 @@ def wait_for_checkpoint(env: dict, job_id: str, run_dir: Path, log: Path) -> int
     """Blocks until the running job has saved its first checkpoint; returns its step."""
     deadline = time.monotonic() + JOB_TIMEOUT
     while (step := latest_step(run_dir)) < 0:
-        state = _job(env, job_id).get("JobState")
+        state = job_info(env, job_id).get("JobState")
         assert state in ("PENDING", "CONFIGURING", "RUNNING") and time.monotonic() < deadline, \
-            f"job {job_id} ({state}) saved no checkpoint:\n{_read(log)}"
+            f"job {job_id} ({state}) saved no checkpoint:\n{read_log(log)}"
         time.sleep(0.05)
     return step
 
@@ -181,7 +121,7 @@ def test_two_node_job_trains_and_leaves_checkpoint_and_tensorboard(uninterrupted
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     run_dir, log, info = uninterrupted
-    text = _read(log)
+    text = read_log(log)
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "0", text
     assert f"attempt 1: 2 node(s) n[1-2], 2 task(s), master {expected_master()} (n1)" in text
     assert "slurm world 2, global batch 8 x 1 x 2 = 16" in text, "srun tasks joined one DeepSpeed world"
@@ -203,7 +143,7 @@ def stopped_requeued_and_resumed(slurm_env, shards, uninterrupted, run_dir, scan
     wait_for_checkpoint(slurm_env, job_id, run_dir, log)
     subprocess.run(["scancel", *scancel_args, job_id], env=slurm_env, check=True)
     info = wait_job(slurm_env, job_id, log)
-    text = _read(log)
+    text = read_log(log)
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", text
     stopped = int(re.search(rf"stop requested \({signame} [\d.]+ s ago\): checkpoint at step (\d+) saved, "
                             r"exiting with 3", text).group(1))
@@ -242,7 +182,7 @@ def test_term_to_the_batch_script_stops_the_tasks_with_a_checkpoint(slurm_env, s
     wait_for_checkpoint(slurm_env, job_id, run_dir, log)
     subprocess.run(["scancel", "--batch", "--signal=TERM", job_id], env=slurm_env, check=True)
     info = wait_job(slurm_env, job_id, log)
-    text = _read(log)
+    text = read_log(log)
     assert info["ExitCode"] == "3:0" and info["Restarts"] == "0", text
     assert "forcing job termination" not in text, text
     stopped = int(re.search(r"stop requested \(SIGUSR1 [\d.]+ s ago\): checkpoint at step (\d+) saved", text).group(1))
@@ -258,7 +198,7 @@ def test_killed_task_fails_clearly_and_resubmit_resumes_exactly(slurm_env, shard
     wait_for_checkpoint(slurm_env, job_id, run_dir, log)
     os.kill(task_pid(job_id, rank=1), signal.SIGKILL)  # a task lost mid-run (OOM killer, node crash)
     info = wait_job(slurm_env, job_id, log)
-    text = _read(log)
+    text = read_log(log)
     assert info["JobState"] == "FAILED" and info["ExitCode"] != "0:0", text
     assert re.search(r"FAILED: .*task 1 on n2: Killed", text), text
     assert f"Resubmit the same command to resume from the last good checkpoint in {run_dir}" in text
@@ -268,7 +208,7 @@ def test_killed_task_fails_clearly_and_resubmit_resumes_exactly(slurm_env, shard
     job_id2, log2 = submit_training(slurm_env, shards, run_dir)
     assert job_id2 != job_id
     info = wait_job(slurm_env, job_id2, log2)
-    text = _read(log2)
+    text = read_log(log2)
     assert info["JobState"] == "COMPLETED", text
     assert f"resumed from {ckpt.checkpoint_dir(str(run_dir))}/{ckpt.tag_for(last_good)}: " in text, text
     assert json.loads((run_dir / "summary.json").read_text())["step"] == TOTAL_STEPS
@@ -295,11 +235,11 @@ def test_sweep_array_runs_each_config_in_its_own_run_dir(slurm_env, shards, tmp_
     for i, name in enumerate(("small", "large")):
         log = sweep_dir / "logs" / f"mrconv-sweep-{array_id}_{i}.out"
         info = wait_job(slurm_env, f"{array_id}_{i}", log)
-        assert info["JobState"] == "COMPLETED", _read(log)
+        assert info["JobState"] == "COMPLETED", read_log(log)
         run_dir = sweep_dir / f"{i}-{name}"
         assert yaml.safe_load((run_dir / "config.yaml").read_text())["seed"] == i + 1, "line i's config"
         assert json.loads((run_dir / "summary.json").read_text())["step"] == TRAIN_SAMPLES // MICRO_BATCH
-        assert "slurm world 1" in _read(log)
+        assert "slurm world 1" in read_log(log)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -18,8 +18,8 @@ except ImportError as exc:  # Triton ships with torch's Linux wheels: missing in
 from models import MRConv  # noqa: E402
 from models import kernels as K  # noqa: E402
 
-from .mrconv_reference import reference_forward  # noqa: E402
-from .test_mrconv import compare_with_reference, moved_layer, naive_conv  # noqa: E402
+from .mrconv_reference import (compare_with_reference, compiled_forms_match_eager,  # noqa: E402
+                              moved_layer, naive_conv)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -109,29 +109,16 @@ def test_fused_triton_layer_reads_the_autocast_dtype(monkeypatch):
     assert 0 < (out - ref).abs().max() <= 2e-2 * ref.abs().max()  # bf16 input rounding, nothing more
 
 
-def _compiled_forms_match_eager(model: torch.nn.Module, x: torch.Tensor) -> None:
-    """The training form (custom autograd Function), its eval form and the fused form, each traced whole."""
-    fused = copy.deepcopy(model).eval()
-    fused.apply(lambda m: m.reparameterize() if hasattr(m, "reparameterize") else None)
-    for m in (model, copy.deepcopy(model).eval(), fused):
-        compiled = torch.compile(m, fullgraph=True, backend="aot_eager")
-        y = compiled(x)
-        if m.training:
-            y.sum().backward()
-        with torch.no_grad():
-            torch.testing.assert_close(y.detach(), m(x), rtol=1e-4, atol=1e-4)
-
-
 def test_compile_fullgraph_traces_mrconvnext():
     """No graph break in any form of the whole model (aot_eager: the tracing, without needing a C++ compiler)."""
     import timm
 
     torch.manual_seed(0)
     model = timm.create_model("mrconvnext_atto", img_size=32, num_classes=10)
-    _compiled_forms_match_eager(model, torch.randn(2, 3, 32, 32))
+    compiled_forms_match_eager(model, torch.randn(2, 3, 32, 32))
 
 
 def test_compile_fullgraph_traces_the_triton_custom_ops():
     """The same for a layer on the Triton ops (one layer: the interpreter is slow at model size)."""
     torch.manual_seed(0)
-    _compiled_forms_match_eager(MRConv(4, 20, 5, conv_impl="triton").to(DEVICE), torch.randn(2, 4, 20, device=DEVICE))
+    compiled_forms_match_eager(MRConv(4, 20, 5, conv_impl="triton").to(DEVICE), torch.randn(2, 4, 20, device=DEVICE))

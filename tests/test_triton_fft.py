@@ -21,9 +21,8 @@ except ImportError as exc:  # Triton ships with torch's Linux wheels: missing in
 from models import MRConv  # noqa: E402
 from models import kernels as K  # noqa: E402
 
-from .mrconv_reference import reference_forward  # noqa: E402
-from .test_mrconv import compare_with_reference, moved_layer, naive_conv  # noqa: E402
-from .test_triton import _compiled_forms_match_eager  # noqa: E402
+from .mrconv_reference import (compare_with_reference, compiled_forms_match_eager,  # noqa: E402
+                              moved_layer, naive_conv)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -226,7 +225,7 @@ def test_training_form_with_triton_fft_equals_reference(bidirectional, fft_every
 
 def test_compile_fullgraph_traces_the_fft_custom_ops(fft_everywhere, launches):
     torch.manual_seed(0)
-    _compiled_forms_match_eager(MRConv(4, 40, 5, conv_impl="triton").to(DEVICE), torch.randn(2, 4, 40, device=DEVICE))
+    compiled_forms_match_eager(MRConv(4, 40, 5, conv_impl="triton").to(DEVICE), torch.randn(2, 4, 40, device=DEVICE))
     assert launches["conv"] > 0
 
 
