@@ -333,6 +333,24 @@ def fourier_kernel(modes: torch.Tensor, length: int) -> torch.Tensor:
     return torch.fft.irfft(modes, n=length, norm="forward")
 
 
+def fourier_basis(lengths: Sequence[int], n_modes: int, length: int) -> torch.Tensor:
+    """The real matrices of ``fourier_kernel``, one per branch: (N, 2 * n_modes, length) float64 with
+    ``modes @ basis[i] == pad(fourier_kernel(modes, lengths[i]), length)`` for modes laid out as (re, im) pairs.
+
+    Row ``2f`` holds ``w_f cos(2 pi f t / l)``, row ``2f + 1`` holds ``-w_f sin(2 pi f t / l)`` on ``t < l`` (``w`` as
+    ``irfft`` weighs bins: 1 at DC and Nyquist, 2 between; the sine vanishes at both, as ``irfft`` ignores their
+    imaginary parts); modes past ``l // 2`` are dropped, as ``irfft`` drops them. One matmul then synthesises every
+    branch, where ``fourier_kernel`` costs one inverse FFT per branch (forward and backward)."""
+    basis = torch.zeros(len(lengths), 2 * n_modes, length, dtype=torch.float64)
+    for i, size in enumerate(lengths):
+        freqs = torch.arange(min(n_modes, size // 2 + 1), dtype=torch.float64)
+        weight = torch.where((freqs == 0) | (2 * freqs == size), 1.0, 2.0)[:, None]
+        angle = 2 * math.pi * freqs[:, None] * torch.arange(size, dtype=torch.float64)[None] / size
+        basis[i, 0: 2 * len(freqs): 2, :size] = weight * torch.cos(angle)
+        basis[i, 1: 2 * len(freqs): 2, :size] = -weight * torch.sin(angle)
+    return basis
+
+
 def sparse_kernel(values: torch.Tensor, index: torch.Tensor, length: int) -> torch.Tensor:
     """Dense kernel (..., D, length) with ``values`` (..., D, k) at positions ``index`` (..., k)."""
     dense = values.new_zeros(*values.shape[:-1], length)

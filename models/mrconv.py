@@ -110,6 +110,10 @@ class MRConv(nn.Module):
             # (real, imag) pairs interleaved on the last dim; kept 4-D so `model.to(memory_format=channels_last)`
             # (timm's --channels-last) accepts the model
             self.fourier_modes = nn.Parameter(torch.randn(dirs, n, d, 2 * m, **dd) / math.sqrt(2 * m))
+            # derived from the layout, so not saved: every branch's kernel is one matmul with it
+            basis = K.fourier_basis(self.lengths, m, self.kernel_len)
+            self.register_buffer("fourier_basis", basis.to(device=dd["device"], dtype=dd["dtype"] or
+                                                           torch.get_default_dtype()), persistent=False)
         if kt in ("sparse", "fourier_sparse"):
             k = self.n_sparse
             gen = torch.Generator().manual_seed(self.seed)
@@ -143,16 +147,16 @@ class MRConv(nn.Module):
                                 for i in range(self.num_branches)], dim=1)
         if kt == "dense":
             return K.pad_to(list(self.dense_kernels), length)
-        parts = []
-        if kt in ("fourier", "fourier_sparse"):
-            modes = torch.view_as_complex(self.fourier_modes.reshape(*self.fourier_modes.shape[:-1], -1, 2).contiguous())
-            parts.append(K.pad_to([K.fourier_kernel(modes[:, i], li) for i, li in enumerate(self.lengths)], length))
-        if kt in ("sparse", "fourier_sparse"):
-            parts.append(K.sparse_kernel(self.sparse_values, self.sparse_index, length))
-        if kt == "fourier_sparse":
-            beta = self.beta[..., None, None]
-            return beta[:, :, 0] * parts[0] + beta[:, :, 1] * parts[1]
-        return parts[0]
+        if kt == "sparse":
+            return K.sparse_kernel(self.sparse_values, self.sparse_index, length)
+        modes, values = self.fourier_modes, None
+        if kt == "fourier_sparse":  # beta scales the few modes and taps, not the dense kernels
+            modes = modes * self.beta[:, :, 0, None, None]
+            values = self.sparse_values * self.beta[:, :, 1, None, None]
+        kernels = torch.matmul(modes, self.fourier_basis)  # (dirs, N, D, 2m) @ (N, 2m, l)
+        if values is None:
+            return kernels
+        return kernels.scatter_add(-1, self.sparse_index.unsqueeze(-2).expand_as(values), values)
 
     def fused_kernel(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The single kernel (dirs, D, kernel_len) and bias (D) this layer computes in eval mode.
@@ -178,8 +182,8 @@ class MRConv(nn.Module):
         for name in (*KERNEL_PARAM_NAMES, "norm"):
             if hasattr(self, name):
                 delattr(self, name)
-        if hasattr(self, "sparse_index"):
-            del self._buffers["sparse_index"]
+        for name in ("sparse_index", "fourier_basis"):
+            self._buffers.pop(name, None)
         self.inference_mode = True
         self.weight = nn.Parameter(weight.detach().clone())
         self.bias = nn.Parameter(bias.detach().clone())

@@ -33,12 +33,13 @@ def test_fused_layer_counts_one_transform_each_way_per_row():
 
 
 def test_unfused_fourier_layer_in_eval_counts_kernel_synthesis_and_one_convolution():
-    """In eval mode the training form applies its folded kernel: the per-branch kernels are synthesised and folded,
-    then one spectrum, one input rfft and one output irfft per row, as the fused layer (which caches its spectrum)."""
+    """In eval mode the training form applies its folded kernel: the per-branch kernels are synthesised (one matmul
+    with the Fourier basis) and folded, then one spectrum, one input and one output transform per row, as the fused
+    layer (which caches its spectrum)."""
     batch, dim, length, l0 = 2, 4, 40, 5
     layer = MRConv(dim, length, l0, kernel_type="fourier", conv_impl="fft")
     n = K.fft_size(length, length, length - 1)
-    expected = sum(fft_macs(li, rows=2 * dim) for li in layer.lengths)  # irfft of the modes, per branch
+    expected = 2 * layer.num_branches * dim * 2 * layer.n_modes * length  # (dirs, N, D, 2m) @ (N, 2m, l) MACs
     expected += fft_macs(n, rows=dim, per_point=2.5)  # complex spectrum of the folded kernel
     expected += fft_macs(n, rows=batch * dim) * 2  # input and output transforms (two real rows per complex one)
     report = count_flops(layer, input_size=(dim, length), batch_size=batch)

@@ -223,6 +223,18 @@ def test_fourier_kernel_equals_explicit_inverse_dft():
         torch.testing.assert_close(K.fourier_kernel(modes, length), naive_fourier(modes, length))
 
 
+def test_fourier_basis_synthesises_every_branch_as_fourier_kernel():
+    torch.manual_seed(4)
+    lengths, n_modes = [3, 4, 8, 13, 26], 5  # fewer bins than modes at the short lengths
+    modes = torch.randn(2, len(lengths), 3, n_modes, dtype=torch.complex128)
+    pairs = torch.view_as_real(modes).flatten(-2)  # (re, im) interleaved, as MRConv stores them
+    got = torch.matmul(pairs, K.fourier_basis(lengths, n_modes, 26))
+    for i, length in enumerate(lengths):
+        torch.testing.assert_close(got[:, i, :, :length], K.fourier_kernel(modes[:, i], length), rtol=1e-12,
+                                   atol=1e-12)
+        assert not got[:, i, :, length:].any()
+
+
 def test_fold_equals_branch_sum_by_hand():
     torch.manual_seed(3)
     dirs, n, d, length = 2, 3, 4, 9
