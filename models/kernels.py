@@ -140,35 +140,37 @@ def toeplitz_conv(u: torch.Tensor, matrices: torch.Tensor) -> torch.Tensor:
     return out.permute(3, 0, 1, 2)
 
 
-class Packed(NamedTuple):
-    """A prepared input of the FFT path: the length-``n`` spectrum of pairs of batch rows packed as one complex row
-    (``u[2j] + i u[2j+1]``, a zero row after an odd batch), and the batch size to unpack to."""
-    spectrum: torch.Tensor  # (ceil(B / 2), D, n) complex
+class Spectrum(NamedTuple):
+    """A prepared input of the FFT path. Even batch: the length-``n`` FFT of pairs of rows packed as one complex row
+    (``pack_pairs``: ``u[2j] + i u[2j+1]``), (B/2, D, n). Odd batch: the real FFT of every row, (B, D, n//2+1)."""
+    spectrum: torch.Tensor
     batch: int
+
+    @property
+    def packed(self) -> bool:
+        return self.batch % 2 == 0
 
 
 def pack_pairs(x: torch.Tensor) -> torch.Tensor:
-    """Real (B, ...) -> complex (ceil(B / 2), ...): rows ``2j`` and ``2j + 1`` as real and imaginary parts.
+    """Real (B, ...) with B even -> complex (B/2, ...): rows ``2j`` and ``2j + 1`` as real and imaginary parts.
 
     A convolution, its adjoint and a correlation with REAL kernels act on the two parts separately, so one complex
     FFT of size ``n`` does the work of two real ones (torch's real inverse FFT copies its input first on CPU and
     runs at about half the speed of the complex one there)."""
-    if x.shape[0] % 2:
-        x = torch.cat([x, x.new_zeros(1, *x.shape[1:])])
     return torch.complex(x[0::2], x[1::2])
 
 
-def unpack_pairs(z: torch.Tensor, batch: int) -> torch.Tensor:
-    """Inverse of ``pack_pairs``: complex (ceil(B / 2), ...) -> real (B, ...)."""
-    return torch.stack((z.real, z.imag), dim=1).flatten(0, 1)[:batch]
+def unpack_pairs(z: torch.Tensor) -> torch.Tensor:
+    """Inverse of ``pack_pairs``: complex (B/2, ...) -> real (B, ...)."""
+    return torch.stack((z.real, z.imag), dim=1).flatten(0, 1)
 
 
 class LongConv:
     """K depthwise linear convolutions of a length-L input and the two adjoints a hand-written backward needs.
 
     ``fwd`` (K, D, lf) and ``bwd`` (K, D, lb) or None are kernels already truncated to L (``truncate``). ``impl``:
-    ``fft`` (the kernels' complex spectrum of FFT size ``n``, inputs packed two batch rows per complex row:
-    ``pack_pairs``), ``toeplitz`` (per-channel Toeplitz matrices) or ``triton``: up to ``TRITON_MAX_LEN`` Toeplitz
+    ``fft`` (the kernels' complex spectrum of FFT size ``n``; an even batch packed two rows per complex row,
+    ``pack_pairs``, an odd one through real FFTs), ``toeplitz`` (per-channel Toeplitz matrices) or ``triton``: up to ``TRITON_MAX_LEN`` Toeplitz
     tiles generated on the fly from the lag vectors (``models.triton_toeplitz``), above it the fused FFT kernel
     (``models.triton_fft``; ``self.impl`` then reads ``triton_fft``). Inputs go through ``prepare`` once (their
     spectrum, or themselves), so a backward that needs the input twice transforms it once.
@@ -197,27 +199,46 @@ class LongConv:
             self.n = fft_size(length, self.len_fwd, self.len_bwd)
             self.operator = torch.fft.fft(circular_kernel(fwd, bwd, self.n))  # (K, D, n)
 
-    def prepare(self, u: torch.Tensor) -> torch.Tensor | Packed:
-        """(B, D, L) -> what ``conv`` and ``kernel_grad`` take: the packed input's spectrum (FFT) or the input."""
+    def prepare(self, u: torch.Tensor) -> torch.Tensor | Spectrum:
+        """(B, D, L) -> what ``conv`` and ``kernel_grad`` take: the input's spectrum (FFT) or the input itself."""
         if self.impl == "fft":
-            return Packed(torch.fft.fft(pack_pairs(u), n=self.n), u.shape[0])
+            return Spectrum(self._forward_fft(u), u.shape[0])
         return u
 
-    def _spectral_conv(self, x: Packed, scale: torch.Tensor | None, center: torch.Tensor | None) -> torch.Tensor:
-        """The FFT path's ``conv`` before unpacking: (ceil(B/2), K, D, n) complex, valid on the first L points."""
-        spectrum = self.operator if scale is None else self.operator * scale[..., None]
+    def _forward_fft(self, u: torch.Tensor) -> torch.Tensor:
+        """Real (B, ..., <= n) -> its spectrum: packed pairs for an even batch, real FFTs for an odd one."""
+        if u.shape[0] % 2 == 0:
+            return torch.fft.fft(pack_pairs(u), n=self.n)
+        return torch.fft.rfft(u, n=self.n)
+
+    def _inverse_fft(self, spectrum: torch.Tensor, batch: int) -> torch.Tensor:
+        """``_forward_fft``'s inverse on the first L points: -> real (B, ..., L)."""
+        if batch % 2 == 0:
+            return unpack_pairs(torch.fft.ifft(spectrum)[..., : self.length])
+        return torch.fft.irfft(spectrum, n=self.n)[..., : self.length]
+
+    def _kernel_spectrum(self, packed: bool) -> torch.Tensor:
+        """The kernels' spectrum in the input's layout: all n bins (packed), the first n//2+1 (real FFTs)."""
+        return self.operator if packed else self.operator[..., : self.n // 2 + 1]
+
+    def _spectral_product(self, x: Spectrum, scale: torch.Tensor | None, center: torch.Tensor | None
+                          ) -> torch.Tensor:
+        """The spectrum of ``(k_i * u - center_i) * scale_i`` (circular, n points): (B or B/2, K, D, bins)."""
+        spectrum = self._kernel_spectrum(x.packed)
+        if scale is not None:
+            spectrum = spectrum * scale[..., None]
         product = x.spectrum.unsqueeze(1) * spectrum
         if center is not None:  # a constant on every output (both packed rows): the DC bin carries n times it
             shift = self.n * (center if scale is None else center * scale)
-            product[..., 0] -= torch.complex(shift, shift)
-        return torch.fft.ifft(product)
+            product[..., 0] -= torch.complex(shift, shift) if x.packed else shift
+        return product
 
-    def conv(self, x: torch.Tensor | Packed, scale: torch.Tensor | None = None, center: torch.Tensor | None = None
+    def conv(self, x: torch.Tensor | Spectrum, scale: torch.Tensor | None = None, center: torch.Tensor | None = None
              ) -> torch.Tensor:
         """``k_i * u`` for every kernel: prepared input -> (B, K, D, L); with ``center`` and ``scale`` (K, D),
         ``(k_i * u - center_i) * scale_i`` (the FFT applies both to the spectrum: no pass over the output)."""
         if self.impl == "fft":
-            return unpack_pairs(self._spectral_conv(x, scale, center)[..., : self.length], x.batch)
+            return self._inverse_fft(self._spectral_product(x, scale, center), x.batch)
         if self.impl == "toeplitz":
             out = toeplitz_conv(x, self.operator)
         elif self.impl == "triton":
@@ -230,46 +251,44 @@ class LongConv:
             out = out - center[..., None]
         return out if scale is None else out * scale[..., None]
 
-    def centred_square_sums(self, x: torch.Tensor | Packed, center: torch.Tensor) -> torch.Tensor:
+    def centred_square_sums(self, x: torch.Tensor | Spectrum, center: torch.Tensor) -> torch.Tensor:
         """``sum_{b,t} (k_i * u - center_i)^2`` over batch and the L outputs: (K, D), the outputs never kept."""
-        if self.impl == "fft":
-            out = self._spectral_conv(x, None, center)[..., : self.length]
-            if x.batch % 2:  # the zero row after an odd batch comes out as -center: leave it out
-                last = out[-1].real
-                out = out[:-1]
-                return torch.view_as_real(out).square().sum(dim=(0, -2, -1)) + torch.linalg.vecdot(last, last)
+        if self.impl == "fft" and x.packed:
+            out = torch.fft.ifft(self._spectral_product(x, None, center))[..., : self.length]
             return torch.view_as_real(out).square().sum(dim=(0, -2, -1))  # re^2 + im^2: both packed rows
         out = self.conv(x, center=center)
         return torch.linalg.vecdot(out, out).sum(dim=0)
 
-    def backward_conv(self, x: torch.Tensor | Packed, scale: torch.Tensor, center: torch.Tensor,
+    def backward_conv(self, x: torch.Tensor | Spectrum, scale: torch.Tensor, center: torch.Tensor,
                       input_grad: bool = True) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
         """``backward(conv(x, scale, center), x)``: the gradients that its own centred, scaled outputs send back,
-        without keeping them (the FFT transforms them back in their packed buffer: no unpacking, no padded copy)."""
+        without keeping them (the FFT transforms them back in their own buffer: no unpacking, no padded copy)."""
         if self.impl != "fft":
             return self.backward(self.conv(x, scale, center), x, input_grad)
-        out = self._spectral_conv(x, scale, center)
+        product = self._spectral_product(x, scale, center)
+        out = torch.fft.ifft(product) if x.packed else torch.fft.irfft(product, n=self.n)
         out[..., self.length:] = 0  # the linear convolution's outputs only
-        return self._spectral_backward(torch.fft.fft(out), x, input_grad, x.batch)
+        dc_f = torch.fft.fft(out) if x.packed else torch.fft.rfft(out)
+        return self._spectral_backward(dc_f, x, input_grad, x.batch)
 
     def adjoint(self, dc: torch.Tensor) -> torch.Tensor:
         """``sum_i k_i^T dc_i``: (B, K, D, L) -> (B, D, L), the gradient of ``conv`` with respect to its input."""
         return self.backward(dc, None)[0]
 
-    def kernel_grad(self, dc: torch.Tensor, x: torch.Tensor | Packed) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def kernel_grad(self, dc: torch.Tensor, x: torch.Tensor | Spectrum) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``g_i[lag] = sum_{b,t} dc_i[b, t] u[b, t - lag]``, the gradient of ``conv`` with respect to the kernels:
         (B, K, D, L) and the prepared input -> forward taps (K, D, lf), backward taps (K, D, lb) or None."""
         _, fwd, bwd = self.backward(dc, x, input_grad=False)
         return fwd, bwd
 
-    def backward(self, dc: torch.Tensor, x: torch.Tensor | Packed | None, input_grad: bool = True
+    def backward(self, dc: torch.Tensor, x: torch.Tensor | Spectrum | None, input_grad: bool = True
                  ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
         """Both gradients of ``conv`` from one transform of ``dc``: (input gradient or None, forward-tap gradient,
         backward-tap gradient); the kernel gradients are None when ``x`` (the prepared input) is None."""
         length = self.length
         grad_u = fwd = bwd = None
         if self.impl == "fft":
-            return self._spectral_backward(torch.fft.fft(pack_pairs(dc), n=self.n), x, input_grad, dc.shape[0])
+            return self._spectral_backward(self._forward_fft(dc), x, input_grad, dc.shape[0])
         if self.impl == "triton_fft":
             from . import triton_fft
             if input_grad:
@@ -293,19 +312,22 @@ class LongConv:
             bwd = lags[..., length - 1 - self.len_bwd: length - 1].flip(-1)
         return grad_u, fwd, (bwd if self.has_bwd else None)
 
-    def _spectral_backward(self, dc_f: torch.Tensor, x: Packed | None, input_grad: bool, batch: int
+    def _spectral_backward(self, dc_f: torch.Tensor, x: Spectrum | None, input_grad: bool, batch: int
                            ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-        """``backward`` from the packed spectrum of ``dc`` (ceil(B/2), K, D, n)."""
+        """``backward`` from the spectrum of ``dc`` (``_forward_fft``'s layout, with a K dim after the batch)."""
         grad_u = fwd = bwd = None
+        packed = batch % 2 == 0
+        kernels = self._kernel_spectrum(packed)
         if input_grad:  # the adjoint's spectrum, summed over kernels one at a time: no (B, K, D, n) product
-            grad_f = dc_f[:, 0] * self.operator[0].conj()
+            grad_f = dc_f[:, 0] * kernels[0].conj()
             for i in range(1, dc_f.shape[1]):
-                grad_f.addcmul_(dc_f[:, i], self.operator[i].conj())
-            grad_u = unpack_pairs(torch.fft.ifft(grad_f)[..., : self.length], batch)
+                grad_f.addcmul_(dc_f[:, i], kernels[i].conj())
+            grad_u = self._inverse_fft(grad_f, batch)
         if x is not None:
-            # sum_j DZ_j conj(X_j) over packed rows = (the wanted correlation) + i (cross terms, real in time): the
-            # real part of its inverse transform is sum_b dc_b (x) u_b
-            corr = torch.fft.ifft((dc_f * x.spectrum.conj().unsqueeze(1)).sum(dim=0)).real
+            product = (dc_f * x.spectrum.conj().unsqueeze(1)).sum(dim=0)
+            # packed: sum_j DZ_j conj(X_j) = (the wanted correlation) + i (cross terms, real in time): keep the real
+            # part of its inverse transform
+            corr = torch.fft.ifft(product).real if packed else torch.fft.irfft(product, n=self.n)
             fwd, bwd = self._lags(corr)
         return grad_u, fwd, (bwd if self.has_bwd else None)
 
