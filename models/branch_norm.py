@@ -42,10 +42,10 @@ def _slice_bytes(batch: int, branches: int, length: int, impl: str) -> int:
     return 4 * branches * (3 * batch * length + length * length)
 
 
-def _merged(op: K.LongConv, fwd: torch.Tensor, bwd: torch.Tensor | None, weights: torch.Tensor) -> K.LongConv:
-    """The single convolution ``sum_i w_i k_i`` beside ``op`` (same lengths, so it takes ``op``'s prepared input)."""
-    return K.LongConv(K.weighted_sum(fwd, weights), None if bwd is None else K.weighted_sum(bwd, weights),
-                      op.length, op.impl if op.impl != "triton_fft" else "triton")
+def _merged(fwd: torch.Tensor, bwd: torch.Tensor | None, weights: torch.Tensor, length: int, impl: str
+            ) -> K.LongConv:
+    """The single convolution ``sum_i w_i k_i`` (the branches' lengths, so it takes their operator's prepared input)."""
+    return K.LongConv(K.weighted_sum(fwd, weights), None if bwd is None else K.weighted_sum(bwd, weights), length, impl)
 
 
 class BranchConvBatchNorm(torch.autograd.Function):
@@ -82,11 +82,11 @@ class BranchConvBatchNorm(torch.autograd.Function):
                 var[:, sl] = torch.linalg.vecdot(centred, centred).sum(dim=0)[None] / count
                 scale = alpha[0, sl] * gamma[0, sl] * torch.rsqrt(var[0, sl] + eps)
                 torch.addcmul(shift[sl, None], centred, scale[:, None], out=y[:, sl])
-                continue
-            var[:, sl] = op.centred_square_sums(prepared, mean[:, sl]) / count
-            scale = alpha[:, sl] * gamma[:, sl] * torch.rsqrt(var[:, sl] + eps)
-            bias = shift[sl] - (scale * mean[:, sl]).sum(dim=0)
-            y[:, sl] = _merged(op, f, b, scale).conv(prepared)[:, 0] + bias[:, None]
+            else:
+                var[:, sl] = op.centred_square_sums(prepared, mean[:, sl]) / count
+                scale = alpha[:, sl] * gamma[:, sl] * torch.rsqrt(var[:, sl] + eps)
+                bias = shift[sl] - (scale * mean[:, sl]).sum(dim=0)
+                y[:, sl] = _merged(f, b, scale, length, impl).conv(prepared)[:, 0] + bias[:, None]
         ctx.save_for_backward(u, kernels, alpha, gamma, beta, mean, var)
         ctx.eps, ctx.impl, ctx.chunk_bytes = eps, impl, chunk_bytes
         ctx.mark_non_differentiable(mean, var)
@@ -117,28 +117,24 @@ class BranchConvBatchNorm(torch.autograd.Function):
             if branches == 1:  # one convolution's worth: c_hat, G1 from it, then d c in one piece
                 chat = op.conv(prepared, invstd[:, sl], mean[:, sl])
                 g1 = torch.linalg.vecdot(chat, centred_g).sum(dim=0)
-                sum_g_chat[:, sl] = g1
                 dc = centred_g.mul_(a[:, sl, None]).sub_(chat.mul_((a[:, sl] * g1 / count)[..., None]))
                 du, kf, kb = op.backward(dc, prepared, input_grad)
-                if grad_u is not None:
-                    grad_u[:, sl] = du
-                grad_k[0, :, sl, : kf.shape[-1]] = kf
-                if kb is not None:
-                    grad_k[1, :, sl, : kb.shape[-1]] = kb
-                continue
-            # the first term through the merged kernel
-            du, corr_f, corr_b = _merged(op, f, b, a[:, sl]).backward(centred_g, prepared, input_grad)
-            # sum_{b,t} (g - G0/M) c_i = sum_lag k_i[lag] corr[lag] = sum g c_i - G0 mean_i
-            g_c = (f * corr_f).sum(dim=-1) + (0 if b is None else (b * corr_b).sum(dim=-1))
-            g1 = invstd[:, sl] * g_c
+            else:
+                # the first term through the merged kernel
+                du, corr_f, corr_b = _merged(f, b, a[:, sl], length, ctx.impl).backward(centred_g, prepared, input_grad)
+                # sum_{b,t} (g - G0/M) c_i = sum_lag k_i[lag] corr[lag] = sum g c_i - G0 mean_i
+                g1 = invstd[:, sl] * ((f * corr_f).sum(dim=-1) + (0 if b is None else (b * corr_b).sum(dim=-1)))
+                weight = -a[:, sl] * g1 / count  # on c_hat_i = (c_i - mean_i) * invstd_i
+                du_hat, kf, kb = op.backward_conv(prepared, weight * invstd[:, sl], mean[:, sl], input_grad)
+                du = None if du is None else du + du_hat
+                kf = kf + a[:, sl, None] * corr_f
+                kb = None if kb is None else kb + a[:, sl, None] * corr_b
             sum_g_chat[:, sl] = g1
-            weight = -a[:, sl] * g1 / count  # on c_hat_i = (c_i - mean_i) * invstd_i
-            du_hat, kf, kb = op.backward_conv(prepared, weight * invstd[:, sl], mean[:, sl], input_grad)
             if grad_u is not None:
-                grad_u[:, sl] = du + du_hat
-            grad_k[0, :, sl, : kf.shape[-1]] = kf + a[:, sl, None] * corr_f
+                grad_u[:, sl] = du
+            grad_k[0, :, sl, : kf.shape[-1]] = kf
             if kb is not None:
-                grad_k[1, :, sl, : kb.shape[-1]] = kb + a[:, sl, None] * corr_b
+                grad_k[1, :, sl, : kb.shape[-1]] = kb
         grad_alpha = gamma * sum_g_chat + beta * sum_g
         grad_gamma = alpha * sum_g_chat
         grad_beta = alpha * sum_g.expand_as(alpha)

@@ -140,6 +140,12 @@ def toeplitz_conv(u: torch.Tensor, matrices: torch.Tensor) -> torch.Tensor:
     return out.permute(3, 0, 1, 2)
 
 
+def packs_pairs(batch: int) -> bool:
+    """Whether the FFT path packs a batch of this size two rows per complex transform (even sizes; odd sizes, batch 1
+    included, take real transforms rather than pay for a zero row)."""
+    return batch % 2 == 0
+
+
 class Spectrum(NamedTuple):
     """A prepared input of the FFT path. Even batch: the length-``n`` FFT of pairs of rows packed as one complex row
     (``pack_pairs``: ``u[2j] + i u[2j+1]``), (B/2, D, n). Odd batch: the real FFT of every row, (B, D, n//2+1)."""
@@ -148,7 +154,7 @@ class Spectrum(NamedTuple):
 
     @property
     def packed(self) -> bool:
-        return self.batch % 2 == 0
+        return packs_pairs(self.batch)
 
 
 def pack_pairs(x: torch.Tensor) -> torch.Tensor:
@@ -170,10 +176,10 @@ class LongConv:
 
     ``fwd`` (K, D, lf) and ``bwd`` (K, D, lb) or None are kernels already truncated to L (``truncate``). ``impl``:
     ``fft`` (the kernels' complex spectrum of FFT size ``n``; an even batch packed two rows per complex row,
-    ``pack_pairs``, an odd one through real FFTs), ``toeplitz`` (per-channel Toeplitz matrices) or ``triton``: up to ``TRITON_MAX_LEN`` Toeplitz
-    tiles generated on the fly from the lag vectors (``models.triton_toeplitz``), above it the fused FFT kernel
-    (``models.triton_fft``; ``self.impl`` then reads ``triton_fft``). Inputs go through ``prepare`` once (their
-    spectrum, or themselves), so a backward that needs the input twice transforms it once.
+    ``pack_pairs``, an odd one through real FFTs), ``toeplitz`` (per-channel Toeplitz matrices) or ``triton``: up to
+    ``TRITON_MAX_LEN`` Toeplitz tiles generated on the fly from the lag vectors (``models.triton_toeplitz``), above
+    it the fused FFT kernel (``models.triton_fft``; ``self.impl`` then reads ``triton_fft``). Inputs go through
+    ``prepare`` once (their spectrum, or themselves), so a backward that needs the input twice transforms it once.
     """
 
     def __init__(self, fwd: torch.Tensor, bwd: torch.Tensor | None, length: int, impl: str) -> None:
@@ -207,13 +213,13 @@ class LongConv:
 
     def _forward_fft(self, u: torch.Tensor) -> torch.Tensor:
         """Real (B, ..., <= n) -> its spectrum: packed pairs for an even batch, real FFTs for an odd one."""
-        if u.shape[0] % 2 == 0:
+        if packs_pairs(u.shape[0]):
             return torch.fft.fft(pack_pairs(u), n=self.n)
         return torch.fft.rfft(u, n=self.n)
 
     def _inverse_fft(self, spectrum: torch.Tensor, batch: int) -> torch.Tensor:
         """``_forward_fft``'s inverse on the first L points: -> real (B, ..., L)."""
-        if batch % 2 == 0:
+        if packs_pairs(batch):
             return unpack_pairs(torch.fft.ifft(spectrum)[..., : self.length])
         return torch.fft.irfft(spectrum, n=self.n)[..., : self.length]
 
@@ -316,7 +322,7 @@ class LongConv:
                            ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
         """``backward`` from the spectrum of ``dc`` (``_forward_fft``'s layout, with a K dim after the batch)."""
         grad_u = fwd = bwd = None
-        packed = batch % 2 == 0
+        packed = packs_pairs(batch)
         kernels = self._kernel_spectrum(packed)
         if input_grad:  # the adjoint's spectrum, summed over kernels one at a time: no (B, K, D, n) product
             grad_f = dc_f[:, 0] * kernels[0].conj()

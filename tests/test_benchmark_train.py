@@ -16,15 +16,21 @@ import models  # noqa: F401
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.mark.slow
-def test_cli_measures_each_model_and_its_peer_at_each_world_size(tmp_path):
-    results_json = tmp_path / "r.json"
+def run_tiny(results_json, *args: str) -> subprocess.CompletedProcess:
+    """The CLI on atto at 32 px, batch 2, one timed step, 10 classes (real torchrun + DeepSpeed launches)."""
     proc = subprocess.run([sys.executable, "-m", "pipelines.benchmark", "train", "--models", "mrconvnext_atto",
-                           "--ranks", "1,2", "--batch-size", "2", "--img-size", "32", "--steps", "1", "--warmup", "1",
-                           "--num-classes", "10", "--json", str(results_json)], cwd=ROOT,
+                           "--batch-size", "2", "--img-size", "32", "--steps", "1", "--warmup", "1", "--num-classes",
+                           "10", "--json", str(results_json), *args], cwd=ROOT,
                           env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore"), capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    return proc
+
+
+@pytest.mark.slow
+def test_cli_measures_each_model_and_its_peer_at_each_world_size(tmp_path):
+    results_json = tmp_path / "r.json"
+    proc = run_tiny(results_json, "--ranks", "1,2")
     results = json.loads(results_json.read_text())
     assert [(r["model"], r["ranks"]) for r in results] == [("mrconvnext_atto", 1), ("mrconvnext_atto", 2),
                                                            ("convnext_atto", 1), ("convnext_atto", 2)]
@@ -72,12 +78,7 @@ def test_table_takes_medians_over_rounds_and_pairs_ratios_within_a_round():
 @pytest.mark.slow
 def test_cli_rounds_alternate_the_model_order(tmp_path):
     results_json = tmp_path / "r.json"
-    proc = subprocess.run([sys.executable, "-m", "pipelines.benchmark", "train", "--models", "mrconvnext_atto",
-                           "--ranks", "1", "--batch-size", "2", "--img-size", "32", "--steps", "1", "--warmup", "1",
-                           "--num-classes", "10", "--rounds", "2", "--json", str(results_json)], cwd=ROOT,
-                          env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore"), capture_output=True,
-                          text=True, timeout=600)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    proc = run_tiny(results_json, "--ranks", "1", "--rounds", "2")
     results = json.loads(results_json.read_text())
     assert [(r["model"], r["round"]) for r in results] == [("mrconvnext_atto", 0), ("convnext_atto", 0),
                                                            ("convnext_atto", 1), ("mrconvnext_atto", 1)]

@@ -162,12 +162,12 @@ def init_distributed(backend: str | None = None) -> WorldInfo:
     accelerator = get_accelerator()
     # DeepSpeed's CPU accelerator names oneCCL when its bindings are installed; CPU ranks keep gloo.
     on_device = accelerator.device_name() != "cpu"
-    if not on_device:
-        retain_freed_memory()
     if on_device:
         # Before the process group: NCCL (and its kin) binds each rank to the current device. The modulo covers
         # clusters that bind one device per task (each task then sees device 0 only).
         accelerator.set_device(info.local_rank % accelerator.device_count())
+    else:
+        retain_freed_memory()
     deepspeed.init_distributed(dist_backend=backend or (accelerator.communication_backend_name() if on_device
                                                         else "gloo"),
                                auto_mpi_discovery=False, verbose=False)
