@@ -61,8 +61,9 @@ def timm_boxes(transform, images: list[bytes], seed: int) -> tuple[list[tuple], 
 def test_draft_decode_draws_timms_boxes_and_leaves_the_stream_in_step(jpegs):
     corrupt = [b"\xff\xd8 not really a jpeg", jpegs[0][:2000]]  # garbage; a header with a truncated body
     images = jpegs[:3] + corrupt[:1] + jpegs[3:9] + corrupt[1:] + jpegs[9:]
-    transform = data.train_transform(224)  # RandAugment and random erasing draw from the same stream too
-    expected, next_draw = timm_boxes(data.train_transform(224), images, seed=3)
+    transform = data.train_transform(224)  # RandAugment draws from the same stream too
+    # random erasing moves to the batch (BatchFinish): the worker's stream is timm's transform without it
+    expected, next_draw = timm_boxes(data.train_transform(224, re_prob=0.0), images, seed=3)
 
     draft = decode.DraftCropDecoder(transform, "RGB")
     seed_all(3)
@@ -77,7 +78,8 @@ def test_draft_decode_draws_timms_boxes_and_leaves_the_stream_in_step(jpegs):
         scales.append(drafted.scale)
         full = Image.open(io.BytesIO(raw)).size
         assert drafted.pixels.shape[1:] == tuple(-(-n // drafted.scale) for n in full[::-1])
-        assert draft.transform(drafted).shape == (3, 224, 224)
+        out = draft.transform(drafted)
+        assert out.shape == (224, 224, 3) and out.dtype == torch.uint8
     assert skipped == 2
     assert boxes == expected and random.random() == next_draw
     assert set(scales) >= {1, 2}  # some crops are decoded reduced, the 500x375 ones never
@@ -97,7 +99,7 @@ def test_draft_decode_matches_timms_pixels(jpegs):
         ref = timm_t(data.decode_full(raw, "RGB"))
         seed_all(k)
         drafted = draft.decode(raw)
-        out = draft.transform(drafted)
+        out = draft.finish(draft.transform(drafted)[None])[0]
         assert out.dtype == torch.float32 and out.shape == ref.shape
         levels = (out - ref) * torch.tensor(STD).view(3, 1, 1) * 255
         low = torch.nn.functional.avg_pool2d(levels[None], 8).abs().mean()
@@ -159,6 +161,35 @@ def test_erasing_boxes_follow_timms_distribution():
         assert ks_distance(f(ref), f(ours)) < 0.062
     assert (decode.erasing_boxes(n, 224, 224, 0.25, torch.Generator().manual_seed(1))[:, 2] > 0).float().mean() \
         == pytest.approx(0.25, abs=0.03)
+
+
+def test_batch_finish_is_timms_normalize_then_seeded_erasing():
+    """The CPU path's batch end: timm's ToTensor + Normalize on uint8 (B, H, W, C), then const-mode erasing drawn
+    per batch from (seed, epoch, rank, step)."""
+    from timm.data.random_erasing import RandomErasing
+    gen = torch.Generator().manual_seed(0)
+    pixels = torch.randint(0, 256, (16, 40, 48, 3), dtype=torch.uint8, generator=gen)
+    normalize = data.train_transform(40, re_prob=0.0).transforms[-1]
+    expected = torch.stack([normalize(p.permute(2, 0, 1).float() / 255) for p in pixels])
+    plain = decode.BatchFinish(MEAN, STD)
+    out = plain(pixels)
+    assert out.shape == (16, 3, 40, 48) and out.dtype == torch.float32 and out.is_contiguous()
+    assert torch.allclose(out, expected, atol=1e-5)
+
+    erasing = RandomErasing(probability=1.0, mode="const", device="cpu")
+    finish = decode.BatchFinish(MEAN, STD, erasing, seed=3, rank=1)
+    erased = finish(pixels, epoch=2, step=5)
+    zero = (erased == 0).all(1)  # erased pixels are 0 in normalized units in every channel
+    assert zero.flatten(1).any(1).all()  # probability 1: every image has a box ...
+    for k in range(len(pixels)):  # ... a rectangle, and everything outside it is the plain output
+        ys, xs = torch.nonzero(zero[k], as_tuple=True)
+        box = zero[k, ys.min():ys.max() + 1, xs.min():xs.max() + 1]
+        assert box.all() and torch.equal(erased[k][:, ~zero[k]], out[k][:, ~zero[k]])
+    assert torch.equal(erased, decode.BatchFinish(MEAN, STD, erasing, seed=3, rank=1)(pixels, epoch=2, step=5))
+    assert not torch.equal(erased, finish(pixels, epoch=2, step=6))
+    assert not torch.equal(erased, decode.BatchFinish(MEAN, STD, erasing, seed=3, rank=0)(pixels, epoch=2, step=5))
+    with pytest.raises(TypeError, match="const mode with one box"):
+        decode.BatchFinish(MEAN, STD, RandomErasing(probability=0.5, mode="pixel", device="cpu"))
 
 
 def encoded_batch(images: list[bytes]) -> tuple[torch.Tensor, torch.Tensor]:

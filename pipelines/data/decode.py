@@ -8,9 +8,9 @@ seed gives the same boxes, the same flips and the same RandAugment draws as timm
 then the JPEG is decoded with Pillow's ``draft`` at the smallest DCT scale (1/2, 1/4, 1/8) at which the box still
 covers the output size, and the box, mapped onto the reduced image, is resized to the output size. A JPEG that
 needs its full scale is decoded by torchvision's libjpeg-turbo decoder straight into a tensor (the same pixels as
-Pillow's decode, without Pillow's copies). The rest of timm's transform (flip, RandAugment, random erasing) runs
-unchanged; ToTensor + Normalize are the same float ops without Pillow's byte round trip. What changes
-numerically, and nothing else:
+Pillow's decode, without Pillow's copies). Flip and RandAugment run unchanged in the worker, which sends the batch
+as uint8 (a quarter of float32's bytes through shared memory); ToTensor + Normalize and random erasing run on the
+stacked batch on the training device (``BatchFinish``, as timm's prefetcher does). What changes numerically, and nothing else:
 
 - at a DCT scale s > 1, libjpeg's scaled IDCT (each 8x8 block decoded straight to 8/s x 8/s pixels, a box-like
   low-pass) replaces a full decode followed by the antialiased resize's own low-pass over those s x s pixels; the
@@ -18,6 +18,9 @@ numerically, and nothing else:
   pixel). At 224 px this needs a box of at least 448 x 448, so it applies to large images and large crops only
   (never to a 500 x 375 image). On the loader benchmark's textured synthetic photos the output then differs from
   timm's by 1-4 levels (of 255) on average, 1-2.5 after an 8 x 8 average.
+- random erasing draws its boxes per batch from (seed, epoch, rank, step) with torch's generator (the same
+  distributions as timm's, tests/test_decode.py), not per image from Python's ``random``; the worker's ``random``
+  stream is then timm's transform without erasing.
 - the resize is torch's antialiased bilinear/bicubic on uint8 (Pillow's kernels, in vectorized integer
   arithmetic, about 5x faster than Pillow's on one core): at full scale the output differs from timm's by about
   0.01 level on average. Other interpolations fall back to Pillow's.
@@ -47,6 +50,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from timm.data.random_erasing import RandomErasing
 from timm.data.transforms import MaybeToTensor, RandomResizedCropAndInterpolation, ToNumpy, ToTensor
 from torchvision import transforms as tv_transforms
 from torchvision.transforms import InterpolationMode
@@ -91,44 +95,37 @@ class Drafted:
     interpolation: int
 
 
-class _Normalize:
-    """ToTensor + Normalize as the same float ops (x / 255 - mean) / std, from the image's array without
-    Pillow's byte copy."""
-
-    def __init__(self, mean: Sequence[float], std: Sequence[float]):
-        self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
-        self.std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
-
-    def __call__(self, img: Image.Image) -> torch.Tensor:
-        pixels = _pixels(img).float().permute(2, 0, 1).contiguous()  # the float transpose is the faster one
-        return pixels.div_(255).sub_(self.mean).div_(self.std)
-
-
 class DraftCropDecoder:
-    """timm's train transform with the crop chosen before decoding: ``decode(bytes)`` (raises on bad bytes, and
-    then leaves ``random``'s state as it found it, so a skipped sample shifts no later draw), then
-    ``transform(decoded)`` gives the same tensor layout as timm's transform."""
+    """timm's train transform with the crop chosen before decoding, split where the image stops being bytes:
+    ``decode(bytes)`` (raises on bad bytes, and then leaves ``random``'s state as it found it, so a skipped sample
+    shifts no later draw), then ``transform(decoded)``: crop, flip, RandAugment, as a uint8 (H, W, C) tensor (what
+    a worker sends: a quarter of float32's bytes). ``finish`` (a ``BatchFinish``) does the rest, Normalize and
+    random erasing, on a stacked batch on the training device."""
 
-    def __init__(self, transform: tv_transforms.Compose, image_mode: str):
+    def __init__(self, transform: tv_transforms.Compose, image_mode: str, *, seed: int = 0, rank: int = 0):
         crop, *rest = transform.transforms
         if not isinstance(crop, RandomResizedCropAndInterpolation):
             raise TypeError(f"the transform must start with timm's RandomResizedCropAndInterpolation, got {crop!r}")
         self.crop, self.image_mode = crop, image_mode
         self.read_mode = ImageReadMode.GRAY if image_mode == "L" else ImageReadMode.RGB
         self.rest: list = []
-        mean = None
+        mean = std = erasing = None
         for step in rest:
             if isinstance(step, (MaybeToTensor, ToTensor, tv_transforms.ToTensor)):
                 continue
             if isinstance(step, tv_transforms.Normalize):
-                mean, std = step.mean, step.std
-                self.rest.append(_Normalize(torch.as_tensor(mean).tolist(), torch.as_tensor(std).tolist()))
-                continue
-            if isinstance(step, ToNumpy):
+                mean, std = torch.as_tensor(step.mean).tolist(), torch.as_tensor(step.std).tolist()
+            elif isinstance(step, RandomErasing):
+                erasing = step
+            elif isinstance(step, ToNumpy):
                 raise TypeError("a transform without normalization (ToNumpy) has no draft decode")
-            self.rest.append(step)
+            elif mean is not None:
+                raise TypeError(f"{step!r} after Normalize: only random erasing runs on the batch")
+            else:
+                self.rest.append(step)
         if mean is None:
             raise TypeError("the transform has no Normalize step")
+        self.finish = BatchFinish(mean, std, erasing, seed=seed, rank=rank)
 
     def decode(self, data: bytes) -> Drafted:
         state = random.getstate()
@@ -165,7 +162,7 @@ class DraftCropDecoder:
         img = resize_box(drafted.pixels, self.image_mode, box, (out_w, out_h), drafted.interpolation)
         for step in self.rest:
             img = step(img)
-        return img
+        return _pixels(img)
 
     def __call__(self, data: bytes) -> torch.Tensor:
         return self.transform(self.decode(data))
@@ -197,6 +194,53 @@ def resize_box(pixels: torch.Tensor, mode: str, box: tuple[int, int, int, int], 
     region = pixels[None, :, top:bottom, left:right]
     out = F.interpolate(region, size=(size[1], size[0]), mode=resample, antialias=True, align_corners=False)
     return to_pil(out[0], mode)
+
+
+def normalize_(images: torch.Tensor, mean255: torch.Tensor, std255: torch.Tensor) -> torch.Tensor:
+    """ToTensor + Normalize of float pixels in 0..255, in place: (x - 255 mean) / (255 std)."""
+    return images.sub_(mean255).div_(std255)
+
+
+def erase_(images: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+    """timm's const-mode random erasing of normalized (B, C, H, W) images, in place: zero inside each image's
+    (top, left, h, w) box (h = 0: none). One fill per erased image (a quarter of them at timm's 0.25): cheaper
+    than a whole-batch mask on the CPU, a few small kernels on a GPU."""
+    for k, (top, left, h, w) in enumerate(boxes.tolist()):
+        if h > 0 and w > 0:
+            images[k, :, top:top + h, left:left + w] = 0.0
+    return images
+
+
+class BatchFinish:
+    """The end of timm's train transform (Normalize, then RandomErasing in const mode with one box) on a batch, on
+    the training device: ``finish(images, epoch=, step=, device=)`` takes the workers' uint8 (B, H, W, C) batch and
+    returns float32 (B, C, H, W) on ``device``. The erasing boxes follow timm's distributions (the device decoder's
+    ``erasing_boxes``) but are drawn per batch from (seed, epoch, rank, step) rather than per image from Python's
+    ``random`` in a worker: a batch is the same whatever happened before it, so exact resume holds."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float], erasing=None, *, seed: int = 0, rank: int = 0):
+        self.mean255 = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1) * 255
+        self.std255 = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1) * 255
+        self.re_prob, self.seed, self.rank = 0.0, seed, rank
+        if erasing is not None and erasing.probability > 0:
+            if erasing.mode not in ("", "const") or erasing.min_count != 1 or erasing.max_count != 1 \
+                    or erasing.num_splits:
+                raise TypeError(f"batch random erasing is timm's const mode with one box, got mode="
+                                f"{erasing.mode!r}, count=({erasing.min_count}, {erasing.max_count}), "
+                                f"num_splits={erasing.num_splits}")
+            self.re_prob = erasing.probability
+            self.area, self.log_ratio = (erasing.min_area, erasing.max_area), tuple(erasing.log_aspect_ratio)
+
+    def __call__(self, images: torch.Tensor, *, epoch: int = 0, step: int = 0,
+                 device: torch.device | str = "cpu") -> torch.Tensor:
+        pixels = images.to(device, non_blocking=True).permute(0, 3, 1, 2)
+        out = torch.empty(pixels.shape, dtype=torch.float32, device=pixels.device).copy_(pixels)
+        normalize_(out, self.mean255.to(out.device), self.std255.to(out.device))
+        if self.re_prob > 0:
+            gen = torch.Generator().manual_seed(batch_seed(self.seed, epoch, self.rank, step))
+            erase_(out, erasing_boxes(len(out), out.shape[2], out.shape[3], self.re_prob, gen, self.area,
+                                      self.log_ratio))
+        return out
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -341,14 +385,9 @@ class DeviceDecoder:
         if self.train:
             flip = (torch.rand(len(images), generator=gen) < self.hflip).to(self.device)
             out = torch.where(flip.view(-1, 1, 1, 1), out.flip(-1), out)
-        out = out.sub_(self.mean).div_(self.std)
+        normalize_(out, self.mean, self.std)
         if self.train and self.re_prob > 0:
-            erase = erasing_boxes(len(images), size, size, self.re_prob, gen).to(self.device)
-            ys = torch.arange(size, device=self.device).view(1, -1, 1)
-            xs = torch.arange(size, device=self.device).view(1, 1, -1)
-            top, left, h, w = (erase[:, i].view(-1, 1, 1) for i in range(4))
-            mask = (ys >= top) & (ys < top + h) & (xs >= left) & (xs < left + w)
-            out = out.masked_fill_(mask.unsqueeze(1), 0.0)  # timm's const mode: zero in normalized units
+            erase_(out, erasing_boxes(len(images), size, size, self.re_prob, gen))
         return out, targets
 
     def decode_ahead(self, batches: Iterable[tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor]], *,

@@ -40,7 +40,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup, create
 from timm.data.mixup import mixup_target
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pipelines.data.decode import DeviceDecoder, DraftCropDecoder
+from pipelines.data.decode import BatchFinish, DeviceDecoder, DraftCropDecoder
 from pipelines.data.shards import FORMAT_EXT, INFO_NAME, read_folder_info
 
 _logger = logging.getLogger(__name__)
@@ -431,7 +431,9 @@ class _ShardStream(IterableDataset):
 class ShardLoader:
     """Iterable of (images float32 (B, C, H, W), targets) for one rank; call ``set_epoch`` before each epoch.
     With a ``device_decoder`` (``decode="gpu"``) the workers send encoded bytes and the batches come out decoded
-    and augmented on its device, corrupt images dropped (a batch may then be short).
+    and augmented on its device, corrupt images dropped (a batch may then be short); with a ``finish`` (the CPU
+    train decode) the workers send uint8 batches, normalized and erased on ``device``. Eval batches come out as
+    the workers made them, on the CPU.
 
     ``len(loader)``: batches per epoch on this rank (train: the same on every rank; eval: an upper bound that
     is exact unless corrupt samples are skipped). ``stats``: {"corrupt_skipped": samples dropped for bad bytes
@@ -443,9 +445,11 @@ class ShardLoader:
 
     def __init__(self, stream: _ShardStream, *, num_workers: int, num_batches: int, num_samples: int,
                  require_epoch: bool, mixup_fn=None, soft_target_fn=None,
-                 device_decoder: DeviceDecoder | None = None):
+                 device_decoder: DeviceDecoder | None = None, finish: BatchFinish | None = None,
+                 device: torch.device | str = "cpu"):
         self._stream = stream
         self._device_decoder = device_decoder
+        self._finish, self._device = finish, torch.device(device)
         self._num_workers = num_workers
         self._num_batches = num_batches
         self._require_epoch = require_epoch
@@ -477,6 +481,8 @@ class ShardLoader:
         batches = self._counted(loader)
         if self._device_decoder is not None:  # the workers' batches are (bytes, lengths), targets
             batches = self._device_decoder.decode_ahead(batches, epoch=self._stream.epoch)
+        elif self._finish is not None:  # the workers' batches are uint8 (B, H, W, C)
+            batches = self._finished(batches)
         for images, targets in batches:
             if self._device_decoder is not None:
                 if self._mixup_fn is not None and len(images) % 2:  # corrupt images dropped: mixup pairs
@@ -488,6 +494,12 @@ class ShardLoader:
             elif self._soft_target_fn is not None:
                 targets = self._soft_target_fn(targets)
             yield images, targets
+
+    def _finished(self, batches) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Normalize and erase each batch on the device; a batch's erasing draws depend on its position only."""
+        for step, (images, targets) in enumerate(batches):
+            yield (self._finish(images, epoch=self._stream.epoch, step=step, device=self._device),
+                   targets.to(self._device, non_blocking=True))
 
     def _counted(self, loader) -> Iterator[tuple]:
         try:
@@ -514,8 +526,9 @@ def create_train_loader(data_dir: str, split: str = "train", *, batch_size: int,
                         device: torch.device | str = "cpu") -> ShardLoader:
     """Training loader for ``rank`` of ``world_size``; fails here (not mid-epoch) on missing shards or too few.
 
-    ``decode="cpu"``: workers decode (``pipelines.data.decode.DraftCropDecoder``) and augment; ``"gpu"``: workers
-    read bytes, batches are decoded and augmented on ``device`` (``pipelines.data.decode.DeviceDecoder``)."""
+    ``decode="cpu"``: workers decode (``pipelines.data.decode.DraftCropDecoder``) and augment, and batches are
+    normalized and erased on ``device``; ``"gpu"``: workers read bytes, batches are decoded and augmented on
+    ``device`` (``pipelines.data.decode.DeviceDecoder``). Either way the batches come out on ``device``."""
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} outside world size {world_size}")
     if num_workers < 0:
@@ -535,7 +548,7 @@ def create_train_loader(data_dir: str, split: str = "train", *, batch_size: int,
                          f"{batch_size} on each of {world_size} ranks")
     _check_decode(decode)
     image_mode = "L" if in_chans == 1 else "RGB"
-    device_decoder = None
+    device_decoder = finish = None
     if decode == "gpu":
         if auto_augment:
             raise ValueError(f"data.decode=gpu has no RandAugment ({auto_augment!r}): set data.auto_augment=null "
@@ -548,8 +561,10 @@ def create_train_loader(data_dir: str, split: str = "train", *, batch_size: int,
     else:
         draft = DraftCropDecoder(train_transform(img_size, in_chans=in_chans, auto_augment=auto_augment,
                                                  re_prob=re_prob, hflip=hflip, scale=scale,
-                                                 interpolation=interpolation, mean=mean, std=std), image_mode)
+                                                 interpolation=interpolation, mean=mean, std=std), image_mode,
+                                 seed=seed, rank=rank)
         codec = dict(decode=draft.decode, transform=draft.transform)
+        finish = draft.finish
     stream = _ShardStream(shards, lengths, train=True, batch_size=batch_size, image_mode=image_mode, rank=rank,
                           world_size=world_size, num_workers=num_workers, seed=seed, rank_batches=rank_batches,
                           resampled=resampled, shuffle_buffer=shuffle_buffer, **codec)
@@ -562,7 +577,7 @@ def create_train_loader(data_dir: str, split: str = "train", *, batch_size: int,
             return mixup_target(targets, num_classes, smoothing=label_smoothing)
     return ShardLoader(stream, num_workers=num_workers, num_batches=rank_batches, num_samples=num_samples,
                        require_epoch=True, mixup_fn=mixup_fn, soft_target_fn=soft_target_fn,
-                       device_decoder=device_decoder)
+                       device_decoder=device_decoder, finish=finish, device=device)
 
 
 def create_eval_loader(data_dir: str, split: str = "validation", *, batch_size: int, img_size: int,
