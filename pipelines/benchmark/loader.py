@@ -140,7 +140,8 @@ def main(argv: list[str]) -> int:
               f"{statistics.median(cores[name]):6.2f}   " + " ".join(f"{v:.0f}" for v in values))
     ratio = cpu["shards (ours)"] / cpu["ImageFolder"]
     total = {name: statistics.median(n / c for n, c in zip(rates[name], cores[name])) for name in rates}
-    print(f"\nsummary: writing {write_rate:,.0f} images/s (goal >= 1,000: {'met' if write_rate >= 1000 else 'MISSED'}); "
+    writing = "met" if write_rate >= 1000 else "MISSED"
+    print(f"\nsummary: writing {write_rate:,.0f} images/s (goal >= 1,000: {writing}); "
           f"loading {wall['shards (ours)'] / workers:.1f} vs {wall['ImageFolder'] / workers:.1f} images/s per worker "
           f"(wall), {cpu['shards (ours)']:.1f} vs {cpu['ImageFolder']:.1f} images per worker CPU-second: "
           f"{ratio:.2f}x ImageFolder (goal >= 1.3: {'met' if ratio >= 1.3 else 'MISSED'}); counting this process "

@@ -10,7 +10,8 @@ covers the output size, and the box, mapped onto the reduced image, is resized t
 needs its full scale is decoded by torchvision's libjpeg-turbo decoder straight into a tensor (the same pixels as
 Pillow's decode, without Pillow's copies). Flip and RandAugment run unchanged in the worker, which sends the batch
 as uint8 (a quarter of float32's bytes through shared memory); ToTensor + Normalize and random erasing run on the
-stacked batch on the training device (``BatchFinish``, as timm's prefetcher does). What changes numerically, and nothing else:
+stacked batch on the training device (``BatchFinish``, as timm's prefetcher does). What changes numerically, and
+nothing else:
 
 - at a DCT scale s > 1, libjpeg's scaled IDCT (each 8x8 block decoded straight to 8/s x 8/s pixels, a box-like
   low-pass) replaces a full decode followed by the antialiased resize's own low-pass over those s x s pixels; the
