@@ -433,7 +433,7 @@ class ShardLoader:
     With a ``device_decoder`` (``decode="gpu"``) the workers send encoded bytes and the batches come out decoded
     and augmented on its device, corrupt images dropped (a batch may then be short); with a ``finish`` (the CPU
     train decode) the workers send uint8 batches, normalized and erased on ``device``. Eval batches come out as
-    the workers made them, on the CPU.
+    the workers made them, on the CPU (CPU decode).
 
     ``len(loader)``: batches per epoch on this rank (train: the same on every rank; eval: an upper bound that
     is exact unless corrupt samples are skipped). ``stats``: {"corrupt_skipped": samples dropped for bad bytes
@@ -476,7 +476,10 @@ class ShardLoader:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         if self._require_epoch and not self._epoch_set:
             raise RuntimeError("call loader.set_epoch(epoch) before iterating a train ShardLoader")
-        loader = DataLoader(self._stream, batch_size=None, num_workers=self._num_workers,
+        # a batch this loader moves to a CUDA device itself comes through page-locked memory, pinned on the
+        # DataLoader's own thread, so the copy does not stall this one (timm's loaders pin likewise)
+        pin = self._device.type == "cuda" and (self._finish is not None or self._device_decoder is not None)
+        loader = DataLoader(self._stream, batch_size=None, num_workers=self._num_workers, pin_memory=pin,
                             persistent_workers=False, timeout=WORKER_TIMEOUT_S if self._num_workers else 0)
         batches = self._counted(loader)
         if self._device_decoder is not None:  # the workers' batches are (bytes, lengths), targets
@@ -608,4 +611,4 @@ def create_eval_loader(data_dir: str, split: str = "validation", *, batch_size: 
                           num_workers=num_workers, **codec)
     num_batches = eval_batches(lengths, shards, batch_size, rank, world_size, num_workers)
     return ShardLoader(stream, num_workers=num_workers, num_batches=num_batches, num_samples=num_samples,
-                       require_epoch=False, device_decoder=device_decoder)
+                       require_epoch=False, device_decoder=device_decoder, device=device)
