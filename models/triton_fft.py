@@ -22,8 +22,11 @@ with K kernels the input's transform is computed K times, in parallel) and fan-i
 respect to the spectrum (and so the kernels) stays on ``torch.fft``: it sums the input's and the gradient's spectra
 over the batch, which is not a per-row kernel.
 
-Registered as the custom ops ``mrconv::fft_conv`` and ``mrconv::fft_adjoint`` (fake implementations; autograd on
-``fft_conv``) so that ``torch.compile`` traces through them. Runs on CUDA, and on CPU tensors under the Triton
+A third mode reduces instead of storing: ``fft_square_sums`` gives the fan-out's centred square sums per (kernel,
+channel), the training form's per-branch variances, without writing a branch output.
+
+Registered as the custom ops ``mrconv::fft_conv``, ``mrconv::fft_adjoint`` and ``mrconv::fft_square_sums`` (fake
+implementations; autograd on ``fft_conv``) so that ``torch.compile`` traces through them. Runs on CUDA, and on CPU tensors under the Triton
 interpreter (``TRITON_INTERPRET=1`` set before this module is imported), which is how the tests check it without a GPU.
 """
 from __future__ import annotations
@@ -144,15 +147,17 @@ def _inverse_block(yr, yi, f1_ptr, f2r, f2i, tw_ptr, k1, t1, t2, N1: tl.constexp
 
 
 @triton.jit
-def _fft_conv_kernel(x_ptr, spec_ptr, f1_ptr, f2_ptr, tw_ptr, y_ptr, B, D, L, NK,
-                     SUM_K: tl.constexpr, N1: tl.constexpr, N2: tl.constexpr, ROWS: tl.constexpr,
-                     RB: tl.constexpr, PREC: tl.constexpr):
+def _fft_conv_kernel(x_ptr, spec_ptr, f1_ptr, f2_ptr, tw_ptr, y_ptr, c_ptr, B, D, L, NK,
+                     SUM_K: tl.constexpr, SQUARES: tl.constexpr, N1: tl.constexpr, N2: tl.constexpr,
+                     ROWS: tl.constexpr, RB: tl.constexpr, PREC: tl.constexpr):
     """One output row. The spectrum is produced and consumed a block of RB rows (k1) at a time, and each block's
     share of the output accumulates in one (ROWS, N2) real tile, so no full complex (N1, N2) tile is ever live. Only
     the first ROWS rows (t1) of the row's (N1, N2) grid hold input or kept output.
 
     Fan-out (``SUM_K`` false): x (B, D, L), y (B, NK, D, L), one program per (b, k, d): ``IFFT(X_hat * S_k)``.
     Fan-in (``SUM_K`` true): x (B, NK, D, L), y (B, D, L), one program per (b, d): ``IFFT(sum_k X_hat_k * conj(S_k))``.
+    Square sums (fan-out with ``SQUARES``): the row is not stored; y (B, NK, D) gets ``sum_t (row[t] - c[k, d])^2``
+    over its L outputs, c (NK, D): per-branch statistics without the branch outputs in memory.
     Consecutive programs share (k, d), so that spectrum stays in L2.
     """
     pid = tl.program_id(0)
@@ -193,7 +198,11 @@ def _fft_conv_kernel(x_ptr, spec_ptr, f1_ptr, f2_ptr, tw_ptr, y_ptr, B, D, L, NK
             out += _inverse_block(xr * sr - xi * si, xr * si + xi * sr, f1_ptr, f2r, f2i, tw_ptr, k1, t1, t2,
                                   N1, N2, PREC)
         y_row = y_ptr + ((b * NK + k) * D + d) * L
-    tl.store(y_row + pos, out, mask=pos < L)
+    if SQUARES:
+        centred = tl.where(pos < L, out - tl.load(c_ptr + k * D + d), 0.0)
+        tl.store(y_ptr + (b * NK + k) * D + d, tl.sum(tl.sum(centred * centred, axis=1), axis=0))
+    else:
+        tl.store(y_row + pos, out, mask=pos < L)
 
 
 def _meta(n: int, rows: int, dtype: torch.dtype) -> dict:
@@ -209,13 +218,16 @@ def _meta(n: int, rows: int, dtype: torch.dtype) -> dict:
 
 
 def _launch(x: torch.Tensor, spec: torch.Tensor, dft1: torch.Tensor, dft2: torch.Tensor, twiddle: torch.Tensor,
-            sum_k: bool) -> torch.Tensor:
+            sum_k: bool, center: torch.Tensor | None = None) -> torch.Tensor:
+    """Fan-out (B, K, D, L), fan-in (B, 1, D, L), or with ``center`` (K, D) fp32 the fan-out's square sums (B, K, D)."""
     batch, _, dim, length = x.shape
     nk, n1, n2 = spec.shape[0], spec.shape[-2], spec.shape[-1]
-    y = x.new_empty(batch, 1 if sum_k else nk, dim, length, dtype=torch.float32)
+    squares = center is not None
+    y = x.new_empty(batch, 1 if sum_k else nk, dim, *(() if squares else (length,)), dtype=torch.float32)
     rows = min(n1, max(MIN_FACTOR, triton.next_power_of_2(triton.cdiv(length, n2))))
     _fft_conv_kernel[(batch * dim * (1 if sum_k else nk),)](
-        x, spec, dft1, dft2, twiddle, y, batch, dim, length, nk, SUM_K=sum_k, **_meta(n1 * n2, rows, x.dtype))
+        x, spec, dft1, dft2, twiddle, y, center if squares else y, batch, dim, length, nk, SUM_K=sum_k,
+        SQUARES=squares, **_meta(n1 * n2, rows, x.dtype))
     return y
 
 
@@ -235,6 +247,16 @@ def fft_adjoint(dy: torch.Tensor, spec: torch.Tensor, dft1: torch.Tensor, dft2: 
     return _launch(dy.contiguous(), spec.contiguous(), dft1, dft2, twiddle, sum_k=True)[:, 0]
 
 
+@torch.library.custom_op("mrconv::fft_square_sums", mutates_args=())
+def fft_square_sums(x: torch.Tensor, spec: torch.Tensor, center: torch.Tensor, dft1: torch.Tensor,
+                    dft2: torch.Tensor, twiddle: torch.Tensor) -> torch.Tensor:
+    """``sum_{b,t} (fft_conv(x, spec)[b, k, d, t] - center[k, d])^2`` -> (K, D) fp32, reduced on chip: the
+    convolution's output never reaches memory (the training form's per-branch variances)."""
+    partial = _launch(x.contiguous().unsqueeze(1), spec.contiguous(), dft1, dft2, twiddle, sum_k=False,
+                      center=center.to(torch.float32).contiguous())
+    return partial.sum(dim=0)
+
+
 @fft_conv.register_fake
 def _(x, spec, dft1, dft2, twiddle):
     return x.new_empty(x.shape[0], spec.shape[0], *x.shape[1:], dtype=torch.float32)
@@ -243,6 +265,11 @@ def _(x, spec, dft1, dft2, twiddle):
 @fft_adjoint.register_fake
 def _(dy, spec, dft1, dft2, twiddle):
     return dy.new_empty(dy.shape[0], *dy.shape[2:], dtype=torch.float32)
+
+
+@fft_square_sums.register_fake
+def _(x, spec, center, dft1, dft2, twiddle):
+    return x.new_empty(spec.shape[0], x.shape[1], dtype=torch.float32)
 
 
 def _setup(ctx, inputs, output):

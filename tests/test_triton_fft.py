@@ -94,6 +94,27 @@ def test_conv_adjoint_and_kernel_grad_equal_naive(length, lf, lb, nk, batch, fft
     assert dkb is None if bwd is None else relative_error(dkb, ref_dkb[0]) <= 1e-5
 
 
+@pytest.mark.parametrize("length, lf, lb, nk, batch", CASES[:4])
+def test_square_sums_equal_naive(length, lf, lb, nk, batch, fft_everywhere):
+    """The on-chip reduction: sum over batch and the L outputs of (k_i * u - c_i)^2, against the float64 naive
+    convolution, centred near its mean (as the training form centres it) and off it."""
+    torch.manual_seed(length + 1)
+    dim = 3
+    u = torch.randn(batch, dim, length, dtype=torch.float64) + 0.3
+    fwd = torch.randn(nk, dim, lf, dtype=torch.float64)
+    bwd = None if lb is None else torch.randn(nk, dim, lb, dtype=torch.float64)
+    ref = torch.stack([naive_conv(u, fwd[i], None if bwd is None else bwd[i]) for i in range(nk)], 1)
+    op = K.LongConv(fwd.float().to(DEVICE), None if bwd is None else bwd.float().to(DEVICE), length, "triton")
+    assert op.impl == "triton_fft"
+    x = u.float().to(DEVICE)
+    for center in (ref.mean(dim=(0, 3)), torch.randn(nk, dim, dtype=torch.float64)):
+        want = (ref - center[None, :, :, None]).square().sum(dim=(0, 3))
+        got = op.centred_square_sums(x, center.float().to(DEVICE))
+        assert got.shape == (nk, dim) and relative_error(got, want) <= 1e-5
+    args = (x, op.operator, center.float().to(DEVICE), *op.dft)
+    torch.library.opcheck(triton_fft.fft_square_sums, args, test_utils=("test_schema", "test_faketensor"))
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_input_is_read_as_given(dtype, fft_everywhere):
     """bf16/fp16 rows go in unconverted (TF32 products on a GPU): within 1e-2 of the float64 convolution of the
@@ -159,12 +180,12 @@ def test_custom_op_autograd_matches_torch_fft():
 @pytest.fixture
 def launches(monkeypatch):
     """Counts the Triton launches by mode, so a test knows the FFT kernel ran (and the Toeplitz one did not)."""
-    counts = {"conv": 0, "adjoint": 0}
+    counts = {"conv": 0, "adjoint": 0, "squares": 0}
     launch = triton_fft._launch
 
-    def counted(*args, sum_k):
-        counts["adjoint" if sum_k else "conv"] += 1
-        return launch(*args, sum_k=sum_k)
+    def counted(*args, sum_k, center=None):
+        counts["adjoint" if sum_k else "conv" if center is None else "squares"] += 1
+        return launch(*args, sum_k=sum_k, center=center)
     monkeypatch.setattr(triton_fft, "_launch", counted)
     return counts
 
@@ -173,9 +194,9 @@ def test_fused_triton_layer_equals_fft_layer_and_folds_exactly(fft_everywhere, l
     torch.manual_seed(0)
     layer = MRConv(4, 150, 10, conv_impl="triton").to(DEVICE)
     layer(torch.randn(3, 4, 150, device=DEVICE)).sum().backward()  # statistics move
-    # forward: the branch outputs and the merged kernel's output; backward: the branch outputs again (no input
-    # gradient asked, so no adjoint)
-    assert launches == {"conv": 3, "adjoint": 0}
+    # forward: the branch outputs' square sums and the merged kernel's output; backward: the branch outputs again
+    # (no input gradient asked, so no adjoint)
+    assert launches == {"conv": 2, "adjoint": 0, "squares": 1}
     layer.eval()
     fused = copy.deepcopy(layer)
     fused.reparameterize()
@@ -187,7 +208,7 @@ def test_fused_triton_layer_equals_fft_layer_and_folds_exactly(fft_everywhere, l
     fft.conv_impl, fft._cache = "fft", None
     with torch.no_grad():
         assert relative_error(out, fft(u)) <= 1e-5
-    assert launches == {"conv": 5, "adjoint": 0}  # and the eval and fused forwards
+    assert launches == {"conv": 4, "adjoint": 0, "squares": 1}  # and the eval and fused forwards
 
 
 def test_fused_layer_trains_through_the_spectrum(fft_everywhere, launches):
@@ -209,7 +230,7 @@ def test_fused_layer_trains_through_the_spectrum(fft_everywhere, launches):
     assert relative_error(x1.grad, x2.grad) <= 1e-5
     for p, q in zip(layer.parameters(), fft.parameters()):
         assert relative_error(p.grad, q.grad) <= 1e-5
-    assert launches == {"conv": 1, "adjoint": 1}
+    assert launches == {"conv": 1, "adjoint": 1, "squares": 0}
 
 
 @pytest.mark.parametrize("bidirectional", [True, False])
@@ -218,9 +239,9 @@ def test_training_form_with_triton_fft_equals_reference(bidirectional, fft_every
     layer = moved_layer("fourier_sparse", bidirectional, "triton", dtype=torch.float32, seq_len=101, l0=13)
     compare_with_reference(layer.to(DEVICE), 2 * torch.randn(3, layer.dim, 101, device=DEVICE) + 0.5, "fft",
                            rtol=1e-4)
-    # forward: branch outputs, merged output; backward: branch outputs again; the input gradient through the merged
-    # kernel and through the branches
-    assert launches == {"conv": 3, "adjoint": 2}
+    # forward: the branch outputs' square sums, merged output; backward: branch outputs again; the input gradient
+    # through the merged kernel and through the branches
+    assert launches == {"conv": 2, "adjoint": 2, "squares": 1}
 
 
 def test_compile_fullgraph_traces_the_fft_custom_ops(fft_everywhere, launches):
@@ -237,22 +258,23 @@ from models import triton_fft as T
 kernel = T._fft_conv_kernel
 rows = T.factors(T.MAX_SIZE)[0]
 shared = {}
-for dtype, sum_k in (("fp32", False), ("bf16", True)):
+for dtype, sum_k, squares in (("fp32", False, False), ("bf16", True, False), ("bf16", False, True)):
     consts = T._meta(T.MAX_SIZE, rows, getattr(torch, {"fp32": "float32", "bf16": "bfloat16"}[dtype]))
     options = {key: consts.pop(key) for key in ("num_warps", "num_stages")}
-    consts["SUM_K"] = sum_k
+    consts["SUM_K"], consts["SQUARES"] = sum_k, squares
     sig = {name: "constexpr" if name in consts else "i32" if name in ("B", "D", "L", "NK") else
            f"*{dtype}" if name == "x_ptr" else "*fp32" for name in kernel.arg_names}
     compiled = triton.compile(ASTSource(kernel, sig, consts), target=GPUTarget("cuda", 90, 32), options=options)
-    shared[dtype] = compiled.metadata.shared
+    shared[f"{dtype} {'fan-in' if sum_k else 'squares' if squares else 'fan-out'}"] = compiled.metadata.shared
 print(json.dumps(shared))
 """
 
 
 def test_kernel_compiles_for_sm90_within_an_a100s_shared_memory():
     """The interpreter runs what a GPU compiler may refuse (tile shapes, types, resources). Compiled here for sm_90 by
-    Triton's own compiler and ptxas, no GPU needed, at the largest size with every row holding input: fp32 fan-out
-    and bf16 fan-in ask for at most an A100's 163 KB of shared memory per block (an H100 has 227 KB)."""
+    Triton's own compiler and ptxas, no GPU needed, at the largest size with every row holding input: fp32 fan-out,
+    bf16 fan-in and bf16 square sums ask for at most an A100's 163 KB of shared memory per block (an H100 has
+    227 KB)."""
     import json
     import os
     import subprocess
@@ -263,4 +285,5 @@ def test_kernel_compiles_for_sm90_within_an_a100s_shared_memory():
                          text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     shared = json.loads(run.stdout.strip().splitlines()[-1])
-    assert set(shared) == {"fp32", "bf16"} and max(shared.values()) <= 163 * 1024, shared
+    assert set(shared) == {"fp32 fan-out", "bf16 fan-in", "bf16 squares"}, shared
+    assert max(shared.values()) <= 163 * 1024, shared
