@@ -265,6 +265,9 @@ class LongConv:
         if self.impl == "triton_fft":  # reduced on chip: the outputs never reach memory
             from . import triton_fft
             return triton_fft.fft_square_sums(x, self.operator, center, *self.dft).to(center.dtype)
+        if self.impl == "triton":
+            from . import triton_toeplitz
+            return triton_toeplitz.toeplitz_square_sums(x, self.operator, center, *self.span).to(center.dtype)
         out = self.conv(x, center=center)
         return torch.linalg.vecdot(out, out).sum(dim=0)
 

@@ -6,8 +6,11 @@ as in ``kernels.toeplitz``), so no matrix is ever written to memory, and multipl
 fp32 accumulation). Only the ``s`` blocks inside the kernel's support are visited. The adjoint (``T^T``) is the same
 product with the lag vector reversed, summed over the kernels.
 
-Registered as the custom op ``mrconv::toeplitz_conv`` (fake implementation and autograd included) so that
-``torch.compile`` traces through it. Runs on CUDA, and on CPU tensors under the Triton interpreter
+A third mode reduces instead of storing: ``toeplitz_square_sums`` gives the fan-out's centred square sums per
+(kernel, channel), the training form's per-branch variances, without writing a branch output.
+
+Registered as the custom ops ``mrconv::toeplitz_conv`` (fake implementation and autograd included),
+``mrconv::toeplitz_adjoint`` and ``mrconv::toeplitz_square_sums`` so that ``torch.compile`` traces through them. Runs on CUDA, and on CPU tensors under the Triton interpreter
 (``TRITON_INTERPRET=1`` set before this module is imported), which is how the tests check it without a GPU.
 """
 from __future__ import annotations
@@ -26,13 +29,15 @@ _WIDEN_BF16 = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit
-def _toeplitz_kernel(x_ptr, lags_ptr, y_ptr, B, D, L, NK, span_lo, span_hi,
-                     x_kstride, y_kstride, SUM_K: tl.constexpr, IEEE: tl.constexpr, WIDEN: tl.constexpr,
-                     BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_B: tl.constexpr):
+def _toeplitz_kernel(x_ptr, lags_ptr, y_ptr, c_ptr, B, D, L, NK, span_lo, span_hi,
+                     x_kstride, y_kstride, SUM_K: tl.constexpr, SQUARES: tl.constexpr, IEEE: tl.constexpr,
+                     WIDEN: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_B: tl.constexpr):
     """One (kernel-or-channel, t block, batch block) tile of the output.
 
     Fan-out (``SUM_K`` false): x (B, 1, D, L), y (B, NK, D, L), program axis 0 runs over (k, d).
     Fan-in (``SUM_K`` true): x (B, NK, D, L), y (B, 1, D, L), axis 0 runs over d and the k loop sums.
+    Square sums (fan-out with ``SQUARES``): the tile is not stored; y (NK, D, t blocks, batch blocks) gets
+    ``sum (tile - c[k, d])^2`` over its valid entries, c (NK, D).
     Lags with ``t - s`` outside ``[span_lo, span_hi]`` are zero, so those ``s`` are skipped.
     """
     pid = tl.program_id(0)
@@ -61,21 +66,32 @@ def _toeplitz_kernel(x_ptr, lags_ptr, y_ptr, B, D, L, NK, span_lo, span_hi,
                 acc += tl.dot(tile, xs, input_precision="ieee")
             else:
                 acc += tl.dot(tile, xs)
-    y_row = y_ptr + (0 if SUM_K else (pid // D) * y_kstride) + d * L
-    out = y_row + b[None, :] * (y_kstride * (1 if SUM_K else NK)) + t[:, None]
-    tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=(t[:, None] < L) & (b[None, :] < B))
+    valid = (t[:, None] < L) & (b[None, :] < B)
+    if SQUARES:
+        centred = tl.where(valid, acc - tl.load(c_ptr + pid), 0.0)  # pid = k * D + d
+        tile = (pid * tl.num_programs(1) + tl.program_id(1)) * tl.num_programs(2) + tl.program_id(2)
+        tl.store(y_ptr + tile, tl.sum(tl.sum(centred * centred, axis=1), axis=0))
+    else:
+        y_row = y_ptr + (0 if SUM_K else (pid // D) * y_kstride) + d * L
+        out = y_row + b[None, :] * (y_kstride * (1 if SUM_K else NK)) + t[:, None]
+        tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=valid)
 
 
-def _launch(x: torch.Tensor, lags: torch.Tensor, span: tuple[int, int], sum_k: bool) -> torch.Tensor:
+def _launch(x: torch.Tensor, lags: torch.Tensor, span: tuple[int, int], sum_k: bool,
+            center: torch.Tensor | None = None) -> torch.Tensor:
+    """Fan-out (B, K, D, L), fan-in (B, 1, D, L), or with ``center`` (K, D) fp32 the fan-out's square sums per tile
+    (K, D, t blocks, batch blocks)."""
     batch, kx, dim, length = x.shape
     nk = lags.shape[0]
-    y = x.new_empty(batch, 1 if sum_k else nk, dim, length, dtype=torch.float32)
     block_t = block_s = 16 if length <= 16 else 32
     block_b = 16 if batch <= 16 else 32
     grid = (dim if sum_k else nk * dim, triton.cdiv(length, block_t), triton.cdiv(batch, block_b))
-    _toeplitz_kernel[grid](x, lags.to(x.dtype).contiguous(), y, batch, dim, length, nk, span[0], span[1],
-                           dim * length, dim * length, SUM_K=sum_k, IEEE=x.dtype == torch.float32,
-                           WIDEN=_WIDEN_BF16 and x.dtype == torch.bfloat16,
+    squares = center is not None
+    shape = (nk, dim, grid[1], grid[2]) if squares else (batch, 1 if sum_k else nk, dim, length)
+    y = x.new_empty(shape, dtype=torch.float32)
+    _toeplitz_kernel[grid](x, lags.to(x.dtype).contiguous(), y, center if squares else y, batch, dim, length, nk,
+                           span[0], span[1], dim * length, dim * length, SUM_K=sum_k, SQUARES=squares,
+                           IEEE=x.dtype == torch.float32, WIDEN=_WIDEN_BF16 and x.dtype == torch.bfloat16,
                            BLOCK_T=block_t, BLOCK_S=block_s, BLOCK_B=block_b)
     return y
 
@@ -98,6 +114,21 @@ def toeplitz_conv(x: torch.Tensor, lags: torch.Tensor, span_lo: int, span_hi: in
 def toeplitz_adjoint(dy: torch.Tensor, lags: torch.Tensor, span_lo: int, span_hi: int) -> torch.Tensor:
     """``sum_k T_k^T dy_k``: (B, K, D, L) -> (B, D, L) fp32 (the reversed lag vector, lags negated)."""
     return _launch(dy.contiguous(), lags.flip(-1), (-span_hi, -span_lo), sum_k=True)[:, 0]
+
+
+@torch.library.custom_op("mrconv::toeplitz_square_sums", mutates_args=())
+def toeplitz_square_sums(x: torch.Tensor, lags: torch.Tensor, center: torch.Tensor, span_lo: int,
+                         span_hi: int) -> torch.Tensor:
+    """``sum_{b,t} (toeplitz_conv(x, lags)[b, k, d, t] - center[k, d])^2`` -> (K, D) fp32, reduced tile by tile on
+    chip: the convolution's output never reaches memory (the training form's per-branch variances)."""
+    partial = _launch(x.contiguous().unsqueeze(1), lags, (span_lo, span_hi), sum_k=False,
+                      center=center.to(torch.float32).contiguous())
+    return partial.sum(dim=(2, 3))
+
+
+@toeplitz_square_sums.register_fake
+def _(x, lags, center, span_lo, span_hi):
+    return x.new_empty(lags.shape[0], x.shape[1], dtype=torch.float32)
 
 
 @toeplitz_conv.register_fake

@@ -38,6 +38,10 @@ def test_conv_adjoint_and_lag_grad_equal_naive(length, bidirectional):
         x = u.detach().float().to(DEVICE)
         y = op.conv(op.prepare(x)).cpu().double()
         assert (y - ref).abs().max() <= 1e-5 * ref.abs().max()
+        for center in (ref.mean(dim=(0, 3)), torch.randn(2, 2, dtype=torch.float64)):  # reduced on chip, per tile
+            want = (ref - center[None, :, :, None]).square().sum(dim=(0, 3))
+            got = op.centred_square_sums(x, center.float().to(DEVICE)).cpu().double()
+            assert (got - want).abs().max() <= 1e-5 * want.abs().max()
         grad = torch.randn_like(ref)
         ref_du, ref_dk = torch.autograd.grad(ref, (u, kernels), grad)
         du, dk_fwd, dk_bwd = op.backward(grad.float().to(DEVICE), x)
@@ -61,6 +65,9 @@ def test_custom_op_autograd_matches_the_toeplitz_path():
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
     assert torch.library.opcheck(triton_toeplitz.toeplitz_conv, (x.detach(), lags.detach(), -19, 19),
+                                 test_utils=("test_schema", "test_faketensor"))
+    assert torch.library.opcheck(triton_toeplitz.toeplitz_square_sums,
+                                 (x.detach(), lags.detach(), torch.randn(2, 3, device=DEVICE), -19, 19),
                                  test_utils=("test_schema", "test_faketensor"))
 
 
@@ -122,3 +129,38 @@ def test_compile_fullgraph_traces_the_triton_custom_ops():
     """The same for a layer on the Triton ops (one layer: the interpreter is slow at model size)."""
     torch.manual_seed(0)
     compiled_forms_match_eager(MRConv(4, 20, 5, conv_impl="triton").to(DEVICE), torch.randn(2, 4, 20, device=DEVICE))
+
+
+_COMPILE_FOR_SM90 = r"""
+import json, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler.compiler import ASTSource
+from models import triton_toeplitz as T
+kernel = T._toeplitz_kernel
+ints = ("B", "D", "L", "NK", "span_lo", "span_hi", "x_kstride", "y_kstride")
+shared = {}
+for mode, sum_k, squares in (("fan-out", False, False), ("fan-in", True, False), ("squares", False, True)):
+    consts = dict(SUM_K=sum_k, SQUARES=squares, IEEE=False, WIDEN=False, BLOCK_T=32, BLOCK_S=32, BLOCK_B=32)
+    sig = {name: "constexpr" if name in consts else "i32" if name in ints else
+           "*bf16" if name in ("x_ptr", "lags_ptr") else "*fp32" for name in kernel.arg_names}
+    compiled = triton.compile(ASTSource(kernel, sig, consts), target=GPUTarget("cuda", 90, 32),
+                              options=dict(num_warps=4))
+    shared[mode] = compiled.metadata.shared
+print(json.dumps(shared))
+"""
+
+
+def test_kernel_compiles_for_sm90_in_every_mode():
+    """The interpreter runs what a GPU compiler may refuse: Triton's own compiler and ptxas (no GPU needed) build the
+    bf16 kernel for sm_90 in its three modes."""
+    import json
+    import os
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    run = subprocess.run([sys.executable, "-c", _COMPILE_FOR_SM90], cwd=root, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    shared = json.loads(run.stdout.strip().splitlines()[-1])
+    assert set(shared) == {"fan-out", "fan-in", "squares"} and max(shared.values()) <= 163 * 1024, shared
