@@ -26,8 +26,9 @@ A third mode reduces instead of storing: ``fft_square_sums`` gives the fan-out's
 channel), the training form's per-branch variances, without writing a branch output.
 
 Registered as the custom ops ``mrconv::fft_conv``, ``mrconv::fft_adjoint`` and ``mrconv::fft_square_sums`` (fake
-implementations; autograd on ``fft_conv``) so that ``torch.compile`` traces through them. Runs on CUDA, and on CPU tensors under the Triton
-interpreter (``TRITON_INTERPRET=1`` set before this module is imported), which is how the tests check it without a GPU.
+implementations; autograd on ``fft_conv``) so that ``torch.compile`` traces through them. Runs on CUDA, and on CPU
+tensors under the Triton interpreter (``TRITON_INTERPRET=1`` set before this module is imported), which is how the
+tests check it without a GPU.
 """
 from __future__ import annotations
 

@@ -10,8 +10,9 @@ A third mode reduces instead of storing: ``toeplitz_square_sums`` gives the fan-
 (kernel, channel), the training form's per-branch variances, without writing a branch output.
 
 Registered as the custom ops ``mrconv::toeplitz_conv`` (fake implementation and autograd included),
-``mrconv::toeplitz_adjoint`` and ``mrconv::toeplitz_square_sums`` so that ``torch.compile`` traces through them. Runs on CUDA, and on CPU tensors under the Triton interpreter
-(``TRITON_INTERPRET=1`` set before this module is imported), which is how the tests check it without a GPU.
+``mrconv::toeplitz_adjoint`` and ``mrconv::toeplitz_square_sums`` so that ``torch.compile`` traces through them. Runs
+on CUDA, and on CPU tensors under the Triton interpreter (``TRITON_INTERPRET=1`` set before this module is imported),
+which is how the tests check it without a GPU.
 """
 from __future__ import annotations
 
@@ -69,8 +70,8 @@ def _toeplitz_kernel(x_ptr, lags_ptr, y_ptr, c_ptr, B, D, L, NK, span_lo, span_h
     valid = (t[:, None] < L) & (b[None, :] < B)
     if SQUARES:
         centred = tl.where(valid, acc - tl.load(c_ptr + pid), 0.0)  # pid = k * D + d
-        tile = (pid * tl.num_programs(1) + tl.program_id(1)) * tl.num_programs(2) + tl.program_id(2)
-        tl.store(y_ptr + tile, tl.sum(tl.sum(centred * centred, axis=1), axis=0))
+        slot = (pid * tl.num_programs(1) + tl.program_id(1)) * tl.num_programs(2) + tl.program_id(2)
+        tl.store(y_ptr + slot, tl.sum(tl.sum(centred * centred, axis=1), axis=0))
     else:
         y_row = y_ptr + (0 if SUM_K else (pid // D) * y_kstride) + d * L
         out = y_row + b[None, :] * (y_kstride * (1 if SUM_K else NK)) + t[:, None]
