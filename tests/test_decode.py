@@ -247,11 +247,92 @@ def test_gpu_decode_loader_on_cpu_same_labels_as_cpu_decode_and_repeatable(tmp_p
     assert sorted(sizes) == [3] + [4] * 7 and bad.stats["corrupt_skipped"] == 1
 
 
-def test_gpu_decode_rejects_randaugment(tmp_path):
+def test_gpu_decode_runs_randaugment_and_refuses_other_policies(tmp_path):
     write_split(tmp_path, "train", [8] * 4)
-    with pytest.raises(ValueError, match="data.auto_augment=null"):
-        data.create_train_loader(str(tmp_path), batch_size=4, img_size=32, num_classes=4, num_workers=2,
-                                 decode="gpu", auto_augment="rand-m9-mstd0.5-inc1")
+    kw = dict(batch_size=4, img_size=32, num_classes=4, num_workers=2, decode="gpu", device="cpu", seed=1)
+    loader = data.create_train_loader(str(tmp_path), auto_augment="rand-m9-mstd0.5-inc1", **kw)
+    plain = data.create_train_loader(str(tmp_path), auto_augment=None, **kw)
+    for each in (loader, plain):
+        each.set_epoch(0)
+    first = [images for images, _ in loader]
+    assert all(torch.equal(a, b) for a, b in zip(first, [images for images, _ in loader]))  # seeded per batch
+    assert not all(torch.equal(a, b) for a, b in zip(first, [images for images, _ in plain]))  # it augments
+    with pytest.raises(ValueError, match="runs RandAugment"):
+        data.create_train_loader(str(tmp_path), auto_augment="original", **kw)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# RandAugment on the device: each op against timm's Pillow op, then the per-image draws
+
+
+@pytest.fixture(scope="module")
+def small_images() -> tuple[list[np.ndarray], torch.Tensor]:
+    """Noise and smooth images (odd sizes) as uint8 arrays and as one float (B, 3, H, W) batch of whole values."""
+    from PIL import ImageFilter
+    rng = np.random.default_rng(0)
+    noise = [rng.integers(0, 256, (37, 45, 3), dtype=np.uint8) for _ in range(3)]
+    arrays = noise + [np.asarray(Image.fromarray(a).filter(ImageFilter.GaussianBlur(2))) for a in noise]
+    return arrays, torch.stack([torch.from_numpy(a.copy()).permute(2, 0, 1).float() for a in arrays])
+
+
+def pillow_batch(arrays, fn, *args, **kwargs) -> torch.Tensor:
+    return torch.stack([torch.from_numpy(np.asarray(fn(Image.fromarray(a), *args, **kwargs)).copy()).permute(2, 0, 1)
+                        for a in arrays]).float()
+
+
+def test_device_randaugment_ops_match_timms_pillow_ops(small_images):
+    """Point and colour ops: Pillow's values exactly; geometric ops (bilinear): within one level, on under 5% of the
+    pixels (float32 positions against Pillow's doubles)."""
+    import timm.data.auto_augment as aa
+    from pipelines.data import augment
+    arrays, x = small_images
+    n = len(arrays)
+
+    def full(v):
+        return torch.full((n,), float(v))
+    exact = [(augment.auto_contrast(x), pillow_batch(arrays, aa.auto_contrast)),
+             (augment.equalize(x), pillow_batch(arrays, aa.equalize)),
+             (augment.invert(x), pillow_batch(arrays, aa.invert)),
+             (augment.posterize(x, full(2)), pillow_batch(arrays, aa.posterize, 2)),
+             (augment.solarize(x, full(100)), pillow_batch(arrays, aa.solarize, 100)),
+             (augment.solarize_add(x, full(60)), pillow_batch(arrays, aa.solarize_add, 60))]
+    for f in (0.1, 0.6, 1.7):
+        exact += [(augment.color(x, full(f)), pillow_batch(arrays, aa.color, f)),
+                  (augment.contrast(x, full(f)), pillow_batch(arrays, aa.contrast, f)),
+                  (augment.brightness(x, full(f)), pillow_batch(arrays, aa.brightness, f)),
+                  (augment.sharpness(x, full(f)), pillow_batch(arrays, aa.sharpness, f))]
+    for k, (got, want) in enumerate(exact):
+        assert torch.equal(got, want), (k, (got - want).abs().max())
+    fill = (124, 116, 104)
+    for kind, fn, v in (("Rotate", aa.rotate, 17.3), ("ShearX", aa.shear_x, 0.21), ("ShearY", aa.shear_y, -0.13),
+                        ("TranslateXRel", aa.translate_x_rel, 0.31), ("TranslateYRel", aa.translate_y_rel, -0.2)):
+        got = augment.affine(x, augment._matrices(kind, full(v), (37, 45)), torch.tensor(fill, dtype=torch.float32))
+        off = (got - pillow_batch(arrays, fn, v, resample=Image.BILINEAR, fillcolor=fill)).abs()
+        assert off.max() <= 1 and (off > 0).float().mean() < 0.05, (kind, off.max(), (off > 0).float().mean())
+
+
+def test_device_randaugment_draws_like_timm_and_is_seeded(small_images):
+    from pipelines.data import augment
+    transform = data.train_transform(32, auto_augment="rand-m9-mstd0.5-inc1")
+    rand_augment = next(step for step in transform.transforms if type(step).__name__ == "RandAugment")
+    device_ra = augment.DeviceRandAugment(rand_augment, (124, 116, 104))
+    chosen, args = device_ra.draw(6000, torch.Generator().manual_seed(0))
+    assert chosen.shape == (6000, 2)
+    counts = torch.bincount(chosen.flatten(), minlength=15).double()
+    assert ((counts - 800).abs() < 120).all()  # uniform over the 15 ops, with replacement (sd ~27)
+    applied = torch.tensor([[a is not None for a in row] for row in args]).double().mean()
+    assert abs(applied - 0.5) < 0.02  # each op's probability 0.5
+    rotations = [a[0] for row, ops in zip(args, chosen.tolist()) for a, k in zip(row, ops)
+                 if a is not None and rand_augment.ops[k].name == "Rotate"]
+    assert max(map(abs, rotations)) <= 30 and 0.4 < np.mean([r > 0 for r in rotations]) < 0.6  # timm's signs
+    assert abs(np.mean(np.abs(rotations)) - 27) < 1  # magnitude 9 of 10 (noise 0.5): 27 degrees on average
+    _, x = small_images
+    state = random.getstate()
+    out = device_ra(x, torch.Generator().manual_seed(3))
+    assert random.getstate() == state  # Python's random untouched
+    assert torch.equal(out, device_ra(x, torch.Generator().manual_seed(3)))
+    assert not torch.equal(out, device_ra(x, torch.Generator().manual_seed(4)))
+    assert out.shape == x.shape and torch.equal(out, out.round()) and out.min() >= 0 and out.max() <= 255
 
 
 @pytest.mark.slow

@@ -340,9 +340,10 @@ def check_static(cfg: TrainConfig) -> None:
         raise ConfigError(f"optim.betas needs 2 values, got {cfg.optim.betas}")
     if cfg.data.decode not in ("cpu", "gpu"):
         raise ConfigError(f"data.decode must be 'cpu' or 'gpu', got {cfg.data.decode!r}")
-    if cfg.data.decode == "gpu" and cfg.data.auto_augment:
-        raise ConfigError(f"data.decode=gpu has no RandAugment ({cfg.data.auto_augment!r}): set "
-                          f"data.auto_augment=null or data.decode=cpu")
+    if cfg.data.decode == "gpu" and cfg.data.auto_augment and not cfg.data.auto_augment.startswith("rand"):
+        raise ConfigError(f"data.decode=gpu runs RandAugment ('rand-...') on the device, not "
+                          f"{cfg.data.auto_augment!r}: set data.auto_augment to a rand- policy or null, or "
+                          f"data.decode=cpu")
     if len(cfg.data.scale) != 2:
         raise ConfigError(f"data.scale needs 2 values, got {cfg.data.scale}")
     if not cfg.data.dir:

@@ -35,8 +35,9 @@ that fail to decode are dropped from the batch and counted. The draws are torch'
 same distributions as timm's (tests/test_decode.py checks them), not the CPU path's sample-for-sample values; the
 resize is float antialiased bilinear/bicubic, and nvJPEG's IDCT and chroma upsampling are not libjpeg's (a few
 levels apart). ``decode_ahead`` decodes one batch ahead on a side CUDA
-stream, overlapping the training step. Not on this path yet: RandAugment (the loaders refuse it with
-``decode=gpu``).
+stream, overlapping the training step. RandAugment runs batched on the device too, each image with its own ops and
+magnitudes (``pipelines.data.augment.DeviceRandAugment``: Pillow's arithmetic, within a level of the CPU path's,
+bilinear geometric ops), after the flip and before normalization, as in timm's transform.
 """
 from __future__ import annotations
 
@@ -314,7 +315,7 @@ class DeviceDecoder:
                  mean: Sequence[float], std: Sequence[float], seed: int = 0, rank: int = 0,
                  scale: Sequence[float] = (0.08, 1.0), ratio: Sequence[float] = (3 / 4, 4 / 3),
                  hflip: float = 0.5, re_prob: float = 0.0, interpolation: str = "bicubic",
-                 crop_pct: float = 0.875):
+                 crop_pct: float = 0.875, rand_augment=None):
         if interpolation not in ("bilinear", "bicubic"):
             raise ValueError(f"data.decode=gpu resizes with bilinear or bicubic, got interpolation={interpolation!r}")
         self.device = torch.device(device)
@@ -325,6 +326,7 @@ class DeviceDecoder:
         self.read_mode = ImageReadMode.GRAY if in_chans == 1 else ImageReadMode.RGB
         self.mean = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, -1, 1, 1) * 255
         self.std = torch.tensor(std, dtype=torch.float32, device=self.device).view(1, -1, 1, 1) * 255
+        self.rand_augment = rand_augment  # a pipelines.data.augment.DeviceRandAugment, or None
         self.corrupt = 0
 
     def _decode(self, encoded: list[torch.Tensor]) -> list[torch.Tensor | None]:
@@ -386,6 +388,8 @@ class DeviceDecoder:
         if self.train:
             flip = (torch.rand(len(images), generator=gen) < self.hflip).to(self.device)
             out = torch.where(flip.view(-1, 1, 1, 1), out.flip(-1), out)
+            if self.rand_augment is not None:  # on whole pixel values, as the CPU path's uint8 images
+                out = self.rand_augment(out.round_(), gen)
         normalize_(out, self.mean, self.std)
         if self.train and self.re_prob > 0:
             erase_(out, erasing_boxes(len(images), size, size, self.re_prob, gen))

@@ -37,9 +37,11 @@ import torch
 import webdataset as wds
 from PIL import Image, ImageOps
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup, create_transform
+from timm.data.auto_augment import RandAugment
 from timm.data.mixup import mixup_target
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from pipelines.data.augment import DeviceRandAugment
 from pipelines.data.decode import BatchFinish, DeviceDecoder, DraftCropDecoder
 from pipelines.data.shards import FORMAT_EXT, INFO_NAME, read_folder_info
 
@@ -519,6 +521,20 @@ class ShardLoader:
             raise DataError(lines[-1].removeprefix(f"{DataError.__module__}.DataError: ")) from None
 
 
+def _device_rand_augment(auto_augment: str | None, img_size: int, in_chans: int, mean, std
+                         ) -> DeviceRandAugment | None:
+    """timm's RandAugment of the CPU path's transform (same ops, magnitudes, fill), for the device decoder."""
+    if not auto_augment:
+        return None
+    transform = train_transform(img_size, in_chans=in_chans, auto_augment=auto_augment, mean=mean, std=std)
+    rand_augment = next((step for step in transform.transforms if isinstance(step, RandAugment)), None)
+    if rand_augment is None:
+        raise ValueError(f"data.decode=gpu runs RandAugment ('rand-...') on the device, not {auto_augment!r}: "
+                         f"set data.auto_augment to a rand- policy or null, or data.decode=cpu")
+    fill = next(iter(rand_augment.ops)).kwargs.get("fillcolor", (128,) * in_chans)
+    return DeviceRandAugment(rand_augment, tuple(fill) if isinstance(fill, (tuple, list)) else (fill,) * in_chans)
+
+
 def create_train_loader(data_dir: str, split: str = "train", *, batch_size: int, img_size: int, num_classes: int,
                         rank: int = 0, world_size: int = 1, num_workers: int = 2, seed: int = 0, in_chans: int = 3,
                         auto_augment: str | None = "rand-m9-mstd0.5-inc1", re_prob: float = 0.25,
@@ -553,13 +569,11 @@ def create_train_loader(data_dir: str, split: str = "train", *, batch_size: int,
     image_mode = "L" if in_chans == 1 else "RGB"
     device_decoder = finish = None
     if decode == "gpu":
-        if auto_augment:
-            raise ValueError(f"data.decode=gpu has no RandAugment ({auto_augment!r}): set data.auto_augment=null "
-                             f"or data.decode=cpu")
         mean, std = _mean_std(mean, std, in_chans)
         device_decoder = DeviceDecoder(device, train=True, img_size=img_size, in_chans=in_chans, mean=mean,
                                        std=std, seed=seed, rank=rank, scale=scale, hflip=hflip, re_prob=re_prob,
-                                       interpolation=interpolation)
+                                       interpolation=interpolation,
+                                       rand_augment=_device_rand_augment(auto_augment, img_size, in_chans, mean, std))
         codec = _BYTES_CODEC
     else:
         draft = DraftCropDecoder(train_transform(img_size, in_chans=in_chans, auto_augment=auto_augment,
