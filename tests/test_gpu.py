@@ -144,17 +144,19 @@ def test_triton_fft_fused_layer_at_stage_shapes(length, l0, dim, monkeypatch):
 
 def _gpu_loader(root, **kw):
     from pipelines.data import loader as data
+    kw = {"auto_augment": None, **kw}
     return data.create_train_loader(str(root), batch_size=8, img_size=64, num_classes=4, num_workers=2, seed=3,
-                                    auto_augment=None, re_prob=0.25, decode="gpu", device="cuda", **kw)
+                                    re_prob=0.25, decode="gpu", device="cuda", **kw)
 
 
-def test_gpu_decode_is_deterministic_and_resume_exact(tmp_path):
-    """data.decode=gpu: nvJPEG decode + crop/flip/normalize/erasing on CUDA. The same epoch twice gives the same
-    batches, and a loader resumed mid-epoch (skipping the consumed batches, as train.loop does) gives the rest of
-    them bit for bit."""
-    from tests.test_loader import write_split
+@pytest.mark.parametrize("auto_augment", [None, "rand-m9-mstd0.5-inc1"])
+def test_gpu_decode_is_deterministic_and_resume_exact(tmp_path, auto_augment):
+    """data.decode=gpu: nvJPEG decode + crop/flip/(RandAugment)/normalize/erasing on CUDA. The same epoch twice
+    gives the same batches, and a loader resumed mid-epoch (skipping the consumed batches, as train.loop does) gives
+    the rest of them bit for bit."""
+    from tests.shard_helpers import write_split
     write_split(tmp_path, "train", [16] * 4, corrupt={(2, 5)})
-    loader = _gpu_loader(tmp_path, label_smoothing=0.0)
+    loader = _gpu_loader(tmp_path, label_smoothing=0.0, auto_augment=auto_augment)
     loader.set_epoch(1)
     first = [(x.clone(), y.clone()) for x, y in loader]
     assert all(x.device.type == "cuda" and x.dtype == torch.float32 and x.shape[1:] == (3, 64, 64)
@@ -165,7 +167,7 @@ def test_gpu_decode_is_deterministic_and_resume_exact(tmp_path):
     loader.set_epoch(1)
     assert all(torch.equal(a, c) and torch.equal(b, d) for (a, b), (c, d) in zip(first, loader))
 
-    resumed = _gpu_loader(tmp_path, label_smoothing=0.0)
+    resumed = _gpu_loader(tmp_path, label_smoothing=0.0, auto_augment=auto_augment)
     resumed.set_epoch(1)
     it = iter(resumed)
     for _ in range(3):
@@ -194,9 +196,22 @@ def test_gpu_decode_matches_the_same_pipeline_on_cpu_and_mixes_on_cuda(tmp_path)
     levels = (on_gpu.cpu() - on_cpu).abs() * 0.225 * 255
     assert levels.mean() < 4.0, levels.mean()  # nvJPEG's IDCT and chroma upsampling are not libjpeg's
 
-    from tests.test_loader import write_split
+    from tests.shard_helpers import write_split
     write_split(tmp_path, "train", [16] * 4)
     mixed = _gpu_loader(tmp_path, mixup=0.8, cutmix=1.0, label_smoothing=0.1)
     mixed.set_epoch(0)
     x, y = next(iter(mixed))
     assert x.device.type == "cuda" and y.device.type == "cuda" and y.shape == (8, 4) and y.dtype == torch.float32
+
+
+def test_device_randaugment_on_cuda_matches_cpu():
+    """The same draws (from the CPU generator) on either device; the ops' float arithmetic may round a level apart."""
+    from pipelines.data import augment, loader as data
+    transform = data.train_transform(64, auto_augment="rand-m9-mstd0.5-inc1")
+    rand_augment = next(step for step in transform.transforms if type(step).__name__ == "RandAugment")
+    device_ra = augment.DeviceRandAugment(rand_augment, (124, 116, 104))
+    x = torch.randint(0, 256, (64, 3, 64, 64), generator=torch.Generator().manual_seed(0)).float()
+    on_cpu = device_ra(x, torch.Generator().manual_seed(5))
+    on_gpu = device_ra(x.cuda(), torch.Generator().manual_seed(5)).cpu()
+    off = (on_gpu - on_cpu).abs()
+    assert off.max() <= 2 and off.mean() < 0.05, (off.max(), off.mean())
