@@ -448,10 +448,10 @@ class ShardLoader:
     def __init__(self, stream: _ShardStream, *, num_workers: int, num_batches: int, num_samples: int,
                  require_epoch: bool, mixup_fn=None, soft_target_fn=None,
                  device_decoder: DeviceDecoder | None = None, finish: BatchFinish | None = None,
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str | None = "cpu"):
         self._stream = stream
         self._device_decoder = device_decoder
-        self._finish, self._device = finish, torch.device(device)
+        self._finish, self._device = finish, torch.device(device if device is not None else "cpu")
         self._num_workers = num_workers
         self._num_batches = num_batches
         self._require_epoch = require_epoch
