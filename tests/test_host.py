@@ -1,6 +1,7 @@
 """CPU ranks keep freed memory: a training step's large temporaries are reused, not page-faulted in every step."""
 from __future__ import annotations
 
+import statistics
 import subprocess
 import sys
 
@@ -18,20 +19,25 @@ layer = MRConv(40, 256, 28)  # MRConvNeXt-atto's first stage at 64 px
 u = torch.randn(16, 40, 256, requires_grad=True)
 for _ in range(2):
     layer(u).sum().backward()
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(4):
+faults = []
+for _ in range(8):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     layer(u).sum().backward()
-print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 4)
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(*faults)  # per step
 """
 
 
-def _faults_per_step(mode: str) -> float:
+def _faults_per_step(mode: str) -> list[float]:
     out = subprocess.run([sys.executable, "-c", STEPS, mode], capture_output=True, text=True, check=True)
-    return float(out.stdout.split()[-1])
+    return [float(v) for v in out.stdout.split()]
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
 def test_training_steps_stop_page_faulting_their_temporaries():
+    """By default glibc hands the FFT buffers back to the kernel in most steps (its adaptive thresholds let some
+    steps through: hence the mean); with freed memory kept, the typical step faults nothing (the median: now and
+    then the host's own memory reclaim, or a new allocation size, faults a step's worth back in)."""
     default, retained = _faults_per_step("default"), _faults_per_step("retain")
-    assert default > 1000  # the test can tell: glibc hands the FFT buffers back to the kernel every step
-    assert retained * 10 < default
+    assert statistics.mean(default) > 1000, default  # the test can tell
+    assert statistics.median(retained) * 10 < statistics.mean(default), (retained, default)
