@@ -1,8 +1,11 @@
-"""Tiny real inputs for the data tests: JPEG bytes and shard splits written with the project's own writer."""
+"""Tiny real inputs for the data tests: JPEG bytes, shard splits written with the project's own writer, and
+Fashion-MNIST's IDX files."""
 from __future__ import annotations
 
+import gzip
 import io
 import os
+import struct
 
 import numpy as np
 from PIL import Image
@@ -36,3 +39,19 @@ def write_split(root, split: str, lengths: list[int], *, label_is_shard: bool = 
     shards.update_info(str(root), split, {"name": split, "num_samples": sum(lengths), "filenames": names,
                                           "shard_lengths": lengths}, classes)
     return names
+
+
+def write_idx(path, array: np.ndarray) -> None:
+    """A gzipped IDX file (the Fashion-MNIST download's format) of a uint8 array."""
+    header = struct.pack(">HBB", 0, 0x08, array.ndim) + struct.pack(">" + "I" * array.ndim, *array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+def fashion_mnist_idx(src, n_train: int = 30, n_test: int = 10) -> None:
+    """A tiny Fashion-MNIST download folder (random images, labels 0..9 in turn)."""
+    rng = np.random.default_rng(0)
+    src.mkdir()
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        write_idx(src / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 255, (n, 28, 28)))
+        write_idx(src / f"{prefix}-labels-idx1-ubyte.gz", np.arange(n) % 10)

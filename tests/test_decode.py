@@ -339,7 +339,7 @@ def test_device_randaugment_draws_like_timm_and_is_seeded(small_images):
 def test_train_runs_with_gpu_decode_on_cpu(shards, tmp_path):
     """The trainer with data.decode=gpu on a CPU rank: workers read bytes, the rank decodes (PNGs here), trains
     and evaluates."""
-    from tests.test_train import launch, ok
+    from tests.trainer_runs import launch, ok
     out = ok(launch(tmp_path / "run", shards, "data.decode=gpu", "schedule.epochs=1", "data.num_workers=1",
                     nproc=1, timeout=240))
     assert "top1" in out

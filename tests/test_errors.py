@@ -76,7 +76,7 @@ CASES = {
 @pytest.fixture(scope="module")
 def results(tmp_path_factory) -> dict[str, tuple[subprocess.CompletedProcess, list[str]]]:
     """Every case run once, three at a time (each is mostly imports), against real folders and files."""
-    from tests.test_shards import fashion_mnist_idx
+    from tests.shard_helpers import fashion_mnist_idx
 
     root = tmp_path_factory.mktemp("errors")
     paths = {"root": str(root), "data": str(root / "wds"), "broken": str(root / "broken"),

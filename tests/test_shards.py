@@ -1,11 +1,9 @@
 """Shard writing: real image trees and idx files in tmp_path, real tars, timm's own wds reader."""
 from __future__ import annotations
 
-import gzip
 import io
 import json
 import os
-import struct
 import tarfile
 
 import numpy as np
@@ -13,7 +11,7 @@ import pytest
 from PIL import Image
 
 from pipelines.data import shards
-from tests.shard_helpers import jpeg_bytes
+from tests.shard_helpers import fashion_mnist_idx, jpeg_bytes, write_idx
 
 
 def make_imagefolder(root, classes=("n01", "n02", "n03"), per_class: int = 8, bad: bool = True) -> dict:
@@ -55,12 +53,6 @@ def folder_files(root) -> dict:
         with open(os.path.join(root, name), "rb") as f:
             out[name] = f.read()
     return out
-
-
-def write_idx(path, array: np.ndarray) -> None:
-    header = struct.pack(">HBB", 0, 0x08, array.ndim) + struct.pack(">" + "I" * array.ndim, *array.shape)
-    with gzip.open(path, "wb") as f:
-        f.write(header + array.astype(np.uint8).tobytes())
 
 
 def test_imagefolder_shards_hold_original_bytes_and_skip_bad_files(tmp_path, capsys):
@@ -187,14 +179,6 @@ def test_check_image_rejects_bad_bytes_without_decoding():
                          (jpeg_bytes(1)[:-200], "truncated JPEG")):
         with pytest.raises(ValueError, match=reason):
             shards.check_image(data)
-
-
-def fashion_mnist_idx(src, n_train: int = 30, n_test: int = 10) -> None:
-    rng = np.random.default_rng(0)
-    src.mkdir()
-    for prefix, n in (("train", n_train), ("t10k", n_test)):
-        write_idx(src / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 255, (n, 28, 28)))
-        write_idx(src / f"{prefix}-labels-idx1-ubyte.gz", np.arange(n) % 10)
 
 
 def test_writing_into_a_folder_of_another_dataset_is_refused_before_any_file_is_touched(tmp_path, capsys):
