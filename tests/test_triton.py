@@ -153,14 +153,6 @@ print(json.dumps(shared))
 def test_kernel_compiles_for_sm90_in_every_mode():
     """The interpreter runs what a GPU compiler may refuse: Triton's own compiler and ptxas (no GPU needed) build the
     bf16 kernel for sm_90 in its three modes."""
-    import json
-    import os
-    import subprocess
-    import sys
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    run = subprocess.run([sys.executable, "-c", _COMPILE_FOR_SM90], cwd=root, env=env, capture_output=True,
-                         text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-2000:]
-    shared = json.loads(run.stdout.strip().splitlines()[-1])
+    from tests.triton_compile import shared_memory
+    shared = shared_memory(_COMPILE_FOR_SM90)
     assert set(shared) == {"fan-out", "fan-in", "squares"} and max(shared.values()) <= 163 * 1024, shared

@@ -275,15 +275,7 @@ def test_kernel_compiles_for_sm90_within_an_a100s_shared_memory():
     Triton's own compiler and ptxas, no GPU needed, at the largest size with every row holding input: fp32 fan-out,
     bf16 fan-in and bf16 square sums ask for at most an A100's 163 KB of shared memory per block (an H100 has
     227 KB)."""
-    import json
-    import os
-    import subprocess
-    import sys
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    run = subprocess.run([sys.executable, "-c", _COMPILE_FOR_SM90], cwd=root, env=env, capture_output=True,
-                         text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-2000:]
-    shared = json.loads(run.stdout.strip().splitlines()[-1])
+    from tests.triton_compile import shared_memory
+    shared = shared_memory(_COMPILE_FOR_SM90)
     assert set(shared) == {"fp32 fan-out", "bf16 fan-in", "bf16 squares"}, shared
     assert max(shared.values()) <= 163 * 1024, shared

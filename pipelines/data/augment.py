@@ -204,9 +204,10 @@ class DeviceRandAugment:
         """Float (B, C, H, W) whole pixel values 0..255 -> the same, augmented (a new tensor)."""
         x = images.clone()
         chosen, args = self.draw(len(x), gen)
+        applied = torch.tensor([[a is not None for a in row] for row in args], dtype=torch.bool).view(chosen.shape)
         for j in range(self.layers):
             for k, op in enumerate(self.ops):
-                rows = [i for i in range(len(x)) if int(chosen[i, j]) == k and args[i][j] is not None]
+                rows = torch.nonzero((chosen[:, j] == k) & applied[:, j]).flatten().tolist()
                 if not rows:
                     continue
                 index = torch.tensor(rows, device=x.device)

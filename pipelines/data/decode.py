@@ -237,9 +237,15 @@ class BatchFinish:
                  device: torch.device | str = "cpu") -> torch.Tensor:
         pixels = images.to(device, non_blocking=True).permute(0, 3, 1, 2)
         out = torch.empty(pixels.shape, dtype=torch.float32, device=pixels.device).copy_(pixels)
-        normalize_(out, self.mean255.to(out.device), self.std255.to(out.device))
+        gen = torch.Generator().manual_seed(batch_seed(self.seed, epoch, self.rank, step)) if self.re_prob else None
+        return self.apply_(out, gen)
+
+    def apply_(self, out: torch.Tensor, gen: torch.Generator | None) -> torch.Tensor:
+        """Normalize float (B, C, H, W) pixels 0..255 in place, then erase with boxes drawn from ``gen``."""
+        if self.mean255.device != out.device:
+            self.mean255, self.std255 = self.mean255.to(out.device), self.std255.to(out.device)
+        normalize_(out, self.mean255, self.std255)
         if self.re_prob > 0:
-            gen = torch.Generator().manual_seed(batch_seed(self.seed, epoch, self.rank, step))
             erase_(out, erasing_boxes(len(out), out.shape[2], out.shape[3], self.re_prob, gen, self.area,
                                       self.log_ratio))
         return out
@@ -321,11 +327,12 @@ class DeviceDecoder:
         self.device = torch.device(device)
         self.train, self.img_size, self.in_chans = train, img_size, in_chans
         self.seed, self.rank = seed, rank
-        self.scale, self.ratio, self.hflip, self.re_prob = tuple(scale), tuple(ratio), hflip, re_prob
+        self.scale, self.ratio, self.hflip = tuple(scale), tuple(ratio), hflip
         self.interpolation, self.crop_pct = interpolation, crop_pct
         self.read_mode = ImageReadMode.GRAY if in_chans == 1 else ImageReadMode.RGB
-        self.mean = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, -1, 1, 1) * 255
-        self.std = torch.tensor(std, dtype=torch.float32, device=self.device).view(1, -1, 1, 1) * 255
+        # Normalize, then (train) timm's default const-mode erasing, drawn from the batch's generator
+        erasing = RandomErasing(probability=re_prob, mode="const", device="cpu") if train and re_prob > 0 else None
+        self.finish = BatchFinish(mean, std, erasing)
         self.rand_augment = rand_augment  # a pipelines.data.augment.DeviceRandAugment, or None
         self.corrupt = 0
 
@@ -390,10 +397,7 @@ class DeviceDecoder:
             out = torch.where(flip.view(-1, 1, 1, 1), out.flip(-1), out)
             if self.rand_augment is not None:  # on whole pixel values, as the CPU path's uint8 images
                 out = self.rand_augment(out.round_(), gen)
-        normalize_(out, self.mean, self.std)
-        if self.train and self.re_prob > 0:
-            erase_(out, erasing_boxes(len(images), size, size, self.re_prob, gen))
-        return out, targets
+        return self.finish.apply_(out, gen), targets
 
     def decode_ahead(self, batches: Iterable[tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor]], *,
                      epoch: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
