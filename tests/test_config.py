@@ -33,6 +33,9 @@ def test_config_decode_key():
     assert load_config("fashion_mnist", ["data.dir=x", "data.decode=gpu", "data.auto_augment=null"]).data.decode == "gpu"
     with pytest.raises(ConfigError, match="data.decode must be 'cpu' or 'gpu', got 'tpu'"):
         load_config("fashion_mnist", ["data.dir=x", "data.decode=tpu"])
+    assert load_config("fashion_mnist", ["data.dir=x"]).data.worker_start == "forkserver"
+    with pytest.raises(ConfigError, match="data.worker_start must be one of forkserver, fork, spawn, got 'thread'"):
+        load_config("fashion_mnist", ["data.dir=x", "data.worker_start=thread"])
     assert load_config("fashion_mnist", ["data.dir=x", "data.decode=gpu",
                                          "data.auto_augment=rand-m9-mstd0.5"]).data.auto_augment == "rand-m9-mstd0.5"
     with pytest.raises(ConfigError, match=r"data.decode=gpu runs RandAugment \('rand-...'\) on the device, not"):

@@ -19,6 +19,7 @@ from typing import Any, Optional
 import yaml
 
 from pipelines.data.files import atomic_write_text
+from train.workers import WORKER_STARTS
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 
@@ -59,6 +60,7 @@ class DataConfig:
     resampled: bool = False
     shuffle_buffer: int = 5000
     decode: str = "cpu"  # cpu: workers decode and augment; gpu: workers read bytes, the training device decodes
+    worker_start: str = "forkserver"  # how workers start: forkserver (not forked from the threaded rank), fork, spawn
 
 
 @dataclass
@@ -130,9 +132,9 @@ class TrainConfig:
 
 # Keys that may change between a run and its resumption without changing what is trained.
 RESUME_SAFE_KEYS = frozenset({
-    "run_dir", "data.dir", "data.num_workers", "data.eval_batch_size", "checkpoint.every_steps", "checkpoint.keep",
-    "logging.log_every_steps", "logging.tensorboard", "logging.progress_bar", "logging.eval_every_epochs",
-    "logging.alpha_image_every_epochs", "ema.eval",
+    "run_dir", "data.dir", "data.num_workers", "data.worker_start", "data.eval_batch_size", "checkpoint.every_steps",
+    "checkpoint.keep", "logging.log_every_steps", "logging.tensorboard", "logging.progress_bar",
+    "logging.eval_every_epochs", "logging.alpha_image_every_epochs", "ema.eval",
 })
 
 
@@ -338,6 +340,9 @@ def check_static(cfg: TrainConfig) -> None:
                           f"{len(cfg.data.mean)}/{len(cfg.data.std)}")
     if len(cfg.optim.betas) != 2:
         raise ConfigError(f"optim.betas needs 2 values, got {cfg.optim.betas}")
+    if cfg.data.worker_start not in WORKER_STARTS:
+        raise ConfigError(f"data.worker_start must be one of {', '.join(WORKER_STARTS)}, got "
+                          f"{cfg.data.worker_start!r}")
     if cfg.data.decode not in ("cpu", "gpu"):
         raise ConfigError(f"data.decode must be 'cpu' or 'gpu', got {cfg.data.decode!r}")
     if cfg.data.decode == "gpu" and cfg.data.auto_augment and not cfg.data.auto_augment.startswith("rand"):

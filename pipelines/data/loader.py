@@ -448,8 +448,9 @@ class ShardLoader:
     def __init__(self, stream: _ShardStream, *, num_workers: int, num_batches: int, num_samples: int,
                  require_epoch: bool, mixup_fn=None, soft_target_fn=None,
                  device_decoder: DeviceDecoder | None = None, finish: BatchFinish | None = None,
-                 device: torch.device | str | None = "cpu"):
+                 device: torch.device | str | None = "cpu", multiprocessing_context=None):
         self._stream = stream
+        self._context = multiprocessing_context if num_workers else None
         self._device_decoder = device_decoder
         self._finish, self._device = finish, torch.device(device if device is not None else "cpu")
         self._num_workers = num_workers
@@ -482,7 +483,8 @@ class ShardLoader:
         # DataLoader's own thread, so the copy does not stall this one (timm's loaders pin likewise)
         pin = self._device.type == "cuda" and (self._finish is not None or self._device_decoder is not None)
         loader = DataLoader(self._stream, batch_size=None, num_workers=self._num_workers, pin_memory=pin,
-                            persistent_workers=False, timeout=WORKER_TIMEOUT_S if self._num_workers else 0)
+                            persistent_workers=False, timeout=WORKER_TIMEOUT_S if self._num_workers else 0,
+                            multiprocessing_context=self._context)
         batches = self._counted(loader)
         if self._device_decoder is not None:  # the workers' batches are (bytes, lengths), targets
             batches = self._device_decoder.decode_ahead(batches, epoch=self._stream.epoch)
@@ -542,12 +544,15 @@ def create_train_loader(data_dir: str, split: str = "train", *, batch_size: int,
                         mean=None, std=None, mixup: float = 0.0, cutmix: float = 0.0,
                         label_smoothing: float = 0.1, resampled: bool = False,
                         shuffle_buffer: int = 2000, decode: str = "cpu",
-                        device: torch.device | str = "cpu") -> ShardLoader:
+                        device: torch.device | str = "cpu", multiprocessing_context=None) -> ShardLoader:
     """Training loader for ``rank`` of ``world_size``; fails here (not mid-epoch) on missing shards or too few.
 
     ``decode="cpu"``: workers decode (``pipelines.data.decode.DraftCropDecoder``) and augment, and batches are
     normalized and erased on ``device``; ``"gpu"``: workers read bytes, batches are decoded and augmented on
-    ``device`` (``pipelines.data.decode.DeviceDecoder``). Either way the batches come out on ``device``."""
+    ``device`` (``pipelines.data.decode.DeviceDecoder``). Either way the batches come out on ``device``.
+    ``multiprocessing_context``: how the workers start, as ``DataLoader`` takes it (None: torch's default, a fork
+    of this process; a process with other threads, e.g. a distributed trainer's, forks them from a fork server:
+    ``train.workers``)."""
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} outside world size {world_size}")
     if num_workers < 0:
@@ -594,13 +599,15 @@ def create_train_loader(data_dir: str, split: str = "train", *, batch_size: int,
             return mixup_target(targets, num_classes, smoothing=label_smoothing)
     return ShardLoader(stream, num_workers=num_workers, num_batches=rank_batches, num_samples=num_samples,
                        require_epoch=True, mixup_fn=mixup_fn, soft_target_fn=soft_target_fn,
-                       device_decoder=device_decoder, finish=finish, device=device)
+                       device_decoder=device_decoder, finish=finish, device=device,
+                       multiprocessing_context=multiprocessing_context)
 
 
 def create_eval_loader(data_dir: str, split: str = "validation", *, batch_size: int, img_size: int,
                        crop_pct: float = 0.875, rank: int = 0, world_size: int = 1, num_workers: int = 2,
                        in_chans: int = 3, interpolation: str = "bicubic", mean=None, std=None,
-                       decode: str = "cpu", device: torch.device | str = "cpu") -> ShardLoader:
+                       decode: str = "cpu", device: torch.device | str = "cpu",
+                       multiprocessing_context=None) -> ShardLoader:
     """Eval loader: across all ranks and workers every sample exactly once, last partial batches kept.
 
     Fewer shards than readers is allowed here (no rank waits for another inside the loader); the readers
@@ -625,4 +632,5 @@ def create_eval_loader(data_dir: str, split: str = "validation", *, batch_size: 
                           num_workers=num_workers, **codec)
     num_batches = eval_batches(lengths, shards, batch_size, rank, world_size, num_workers)
     return ShardLoader(stream, num_workers=num_workers, num_batches=num_batches, num_samples=num_samples,
-                       require_epoch=False, device_decoder=device_decoder, device=device)
+                       require_epoch=False, device_decoder=device_decoder, device=device,
+                       multiprocessing_context=multiprocessing_context)
