@@ -2,8 +2,9 @@
 
 Training form: ``y = sum_i alpha_i * BN_i(k_i * u)`` over ``N`` branches whose kernels grow as ``l0 * 2**i``,
 computed by ``branch_norm`` with exact batch statistics but without keeping the branch outputs for backward; in eval
-mode it applies its folded kernel. Inference form (``reparameterize()`` or ``inference_mode=True``): one depthwise long kernel per channel and
-direction plus a bias, applied with a cached kernel spectrum (FFT) or a cached Toeplitz matrix for short inputs.
+mode it applies its folded kernel. Inference form (``reparameterize()`` or ``inference_mode=True``): one depthwise
+long kernel per channel and direction plus a bias, applied with a cached kernel spectrum (FFT) or a cached Toeplitz
+matrix for short inputs.
 """
 from __future__ import annotations
 
@@ -70,8 +71,10 @@ class MRConv(nn.Module):
     ) -> None:
         super().__init__()
         if kernel_type not in K.KERNEL_TYPES:
-            raise ValueError(f"MRConv: unknown kernel_type {kernel_type!r}; expected one of {', '.join(K.KERNEL_TYPES)}")
-        for name, value in (("dim", dim), ("seq_len", seq_len), ("l0", l0), ("n_modes", n_modes), ("n_sparse", n_sparse)):
+            raise ValueError(f"MRConv: unknown kernel_type {kernel_type!r}; expected one of "
+                             f"{', '.join(K.KERNEL_TYPES)}")
+        for name, value in (("dim", dim), ("seq_len", seq_len), ("l0", l0), ("n_modes", n_modes),
+                            ("n_sparse", n_sparse)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"MRConv: {name} must be an integer >= 1, got {value!r}")
         if max_resolutions is not None and max_resolutions < 1:

@@ -65,14 +65,15 @@ def test_bad_model_specs_fail_clearly(capsys):
 def test_model_kwargs_go_to_mrconv_models_or_to_the_named_model_only(tmp_path, capsys):
     """conv_impl is MRConv's: before, every kwarg also reached the ConvNeXt peer, which crashed on it."""
     out = tmp_path / "b.csv"
-    assert bench.main(["--models", "mrconvnext_atto@fused", "convnext_atto", *BENCH_TINY, "--no-flops", "--csv", str(out),
-                       "--model-kwargs", "conv_impl=fft", "min_l0=2", "convnext_atto:ls_init_value=0.5"]) == 0
+    assert bench.main(["--models", "mrconvnext_atto@fused", "convnext_atto", *BENCH_TINY, "--no-flops", "--csv",
+                       str(out), "--model-kwargs", "conv_impl=fft", "min_l0=2", "convnext_atto:ls_init_value=0.5"]) == 0
     meta = json.loads((tmp_path / "b.csv.json").read_text())
     assert meta["kwargs"] == {"mrconvnext_atto@fused": {"conv_impl": "fft", "min_l0": 2},
                               "convnext_atto": {"ls_init_value": 0.5}}
     assert meta["device"] == "CPU"
     capsys.readouterr()
-    assert bench.main(["--models", "convnext_atto", *BENCH_TINY, "--model-kwargs", "convnext_tiny:depths=[1,1,1,1]"]) == 2
+    assert bench.main(["--models", "convnext_atto", *BENCH_TINY, "--model-kwargs",
+                       "convnext_tiny:depths=[1,1,1,1]"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "'convnext_tiny' is not among --models" in err
 

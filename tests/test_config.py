@@ -7,7 +7,8 @@ from train.config import ConfigError, load_config, plan_batches
 
 
 def test_config_errors_name_the_key():
-    with pytest.raises(ConfigError, match=r"unknown config key 'optim.weigth_decay'; did you mean 'optim.weight_decay'"):
+    with pytest.raises(ConfigError,
+                       match=r"unknown config key 'optim.weigth_decay'; did you mean 'optim.weight_decay'"):
         load_config("fashion_mnist", ["optim.weigth_decay=0.1"])
     with pytest.raises(ConfigError, match=r"data.batch_size: expected an integer, got 'big'"):
         load_config("fashion_mnist", ["data.batch_size=big"])
@@ -30,7 +31,8 @@ def test_config_errors_name_the_key():
 
 def test_config_decode_key():
     assert load_config("fashion_mnist", ["data.dir=x"]).data.decode == "cpu"
-    assert load_config("fashion_mnist", ["data.dir=x", "data.decode=gpu", "data.auto_augment=null"]).data.decode == "gpu"
+    assert load_config("fashion_mnist",
+                       ["data.dir=x", "data.decode=gpu", "data.auto_augment=null"]).data.decode == "gpu"
     with pytest.raises(ConfigError, match="data.decode must be 'cpu' or 'gpu', got 'tpu'"):
         load_config("fashion_mnist", ["data.dir=x", "data.decode=tpu"])
     assert load_config("fashion_mnist", ["data.dir=x"]).data.worker_start == "forkserver"

@@ -51,8 +51,9 @@ IMAGE_KEYS = tuple(FORMAT_EXT.values())  # the members an image may be stored as
 TAR_END = 2 * 512  # a complete tar ends with two zero blocks (then zero padding to a whole record)
 WARN_LIMIT = 10  # problems each worker logs one by one per epoch; the rest are counted
 # A worker that sends no batch for this long is taken as stuck and the loader raises, so a run crashes (and
-# resumes when restarted) instead of waiting forever. Seen once: a worker forked from the threaded trainer stuck
-# in PyOS_AfterFork_Child. Far above any batch's decode time, even on slow storage.
+# resumes when restarted) instead of waiting forever. Seen: workers forked from the threaded trainer stuck in
+# PyOS_AfterFork_Child (the trainer now starts them from a fork server: train/workers.py). Far above any batch's
+# decode time, even on slow storage.
 WORKER_TIMEOUT_S = 600
 COUNT_KEYS = ("corrupt_skipped", "shard_read_errors", "short_samples", "shards_given_up")
 
