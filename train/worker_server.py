@@ -4,7 +4,8 @@ server, and every worker it forks, to its parent's life.
 ``PR_SET_PDEATHSIG``: the kernel sends SIGKILL to a process when its parent exits, however it exits. The server's
 parent is the rank; a worker's is the server. Without it a rank killed by SIGKILL would leave the server and its
 last workers waiting for each other for good (each worker holds the server's liveness pipe open, and waits for the
-server to go). A process whose parent is already gone when it asks exits at once.
+server to go). A process whose parent is already gone when it asks exits at once. Linux only (elsewhere this does
+nothing: use ``data.worker_start=fork`` there).
 """
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ PR_SET_PDEATHSIG = 1
 def die_with_parent(parent: int) -> None:
     """SIGKILL this process when its parent exits; exit now if the parent ``parent`` is gone already."""
     libc = ctypes.CDLL(None, use_errno=True)
+    if not hasattr(libc, "prctl"):
+        return
     if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
     if os.getppid() != parent:

@@ -1,13 +1,14 @@
 """How a rank's DataLoader workers start (``data.worker_start``), and why not by forking the rank.
 
-A rank is a threaded process. Its collectives' C++ threads (gloo's ``pt_gloo_runloop``, likewise NCCL's) release
-the tensors of a finished collective, and releasing one whose Python object Python already dropped takes the GIL
-from that thread: CPython creates a thread state for it, under the runtime's lock and without the GIL (seen with
-gdb: ``ProcessGroupGloo::runLoop -> ~AsyncAllreduceWork -> TensorImpl::decref_pyobject -> gil_scoped_acquire ->
-PyThreadState_New``). A ``fork()`` at that instant copies the lock held, and CPython before 3.13 takes that lock in
-the child before resetting it (``PyOS_AfterFork_Child -> _PyEval_ReInitThreads -> _PyThreadState_DeleteExcept``;
-fixed upstream by gh-116522): the new worker hangs for good and the rank waits for it. On this project's 2-core
-machine one of 19 runs of 2 ranks x 8 epochs (32 worker forks a run) hung so, at the fork of an epoch's eval loader.
+A rank is a threaded process. Its collectives' C++ threads (gloo's ``pt_gloo_runloop``; NCCL's watchdog does the
+same job, not observed here) release the tensors of a finished collective, and releasing one whose Python object
+Python already dropped takes the GIL from that thread: CPython creates a thread state for it, under the runtime's
+lock and without the GIL (seen with gdb: ``ProcessGroupGloo::runLoop -> ~AsyncAllreduceWork ->
+TensorImpl::decref_pyobject -> gil_scoped_acquire -> PyThreadState_New``). A ``fork()`` at that instant copies the
+lock held, and CPython before 3.13 takes that lock in the child before resetting it (``PyOS_AfterFork_Child ->
+_PyEval_ReInitThreads -> _PyThreadState_DeleteExcept``; fixed upstream by gh-116522): the new worker hangs for good
+and the rank waits for it. On this project's 2-core machine one of 19 runs of 2 ranks x 8 epochs (32 worker forks a
+run) hung so, at the fork of an epoch's eval loader.
 
 ``forkserver`` (the default): workers are forked from multiprocessing's fork server, a single-threaded process this
 module starts once per rank with the data library preloaded, so a worker starts as fast as a forked one (~0.1 s;
