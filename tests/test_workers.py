@@ -73,8 +73,9 @@ def test_forkserver_workers_give_the_forked_workers_batches_from_a_single_thread
                               epochs=(0,)) for c in ({}, {"multiprocessing_context": server})]
         assert all(torch.equal(a, b) and torch.equal(ya, yb) for (a, ya), (b, yb) in zip(*evaluated))
 
-        # while a worker runs: its parent is the fork server, a child of this process with one thread and the
-        # stop signals blocked (SLURM's SIGTERM reaches every process of a job step; the rank handles it)
+        # while a worker runs: its parent is the fork server, a child of this process with one thread (numpy's
+        # OpenBLAS pool, started by the preload, is stopped by OpenBLAS's fork handler at the server's first fork)
+        # and the stop signals blocked (SLURM's SIGTERM reaches every process of a job step; the rank handles it)
         served_loader.set_epoch(2)
         it = iter(served_loader)
         next(it)

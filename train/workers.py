@@ -10,11 +10,13 @@ _PyEval_ReInitThreads -> _PyThreadState_DeleteExcept``; fixed upstream by gh-116
 and the rank waits for it. On this project's 2-core machine one of 19 runs of 2 ranks x 8 epochs (32 worker forks a
 run) hung so, at the fork of an epoch's eval loader.
 
-``forkserver`` (the default): workers are forked from multiprocessing's fork server, a single-threaded process this
-module starts once per rank with the data library preloaded, so a worker starts as fast as a forked one (~0.1 s;
-the server itself takes seconds once). The server is started with the stop signals blocked, so it and every worker
-it forks ignore SLURM's SIGTERM as forked workers do (``train.signals``), and ``train.worker_server`` ties both to
-their parent's life: a rank that dies, even by SIGKILL, leaves no process behind.
+``forkserver`` (the default): workers are forked from multiprocessing's fork server, a process with no thread but
+its main one when it forks (numpy's OpenBLAS pool, started by the preload, is stopped by OpenBLAS's own fork
+handler), started once per rank by this module with the data library preloaded, so a worker starts as fast as a
+forked one (~0.1 s; the server itself takes seconds once). The server is started with the stop signals blocked, so
+it and every worker it forks ignore SLURM's SIGTERM as forked workers do (``train.signals``), and
+``train.worker_server`` ties both to their parent's life: a rank that dies, even by SIGKILL, leaves no process
+behind.
 ``fork``: torch's default (what the stand-alone tools use: they have no such threads). ``spawn``: a fresh
 interpreter per worker and epoch (seconds each).
 """
