@@ -30,10 +30,11 @@ def _children(pid: int) -> list[int]:
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
-                if int(_status(int(entry))["PPid"]) == pid and _status(int(entry))["State"][0] != "Z":
-                    out.append(int(entry))
-            except (OSError, KeyError):
-                pass  # gone meanwhile
+                status = _status(int(entry))
+            except OSError:
+                continue  # gone meanwhile
+            if int(status["PPid"]) == pid and status["State"][0] != "Z":
+                out.append(int(entry))
     return out
 
 
