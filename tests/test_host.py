@@ -16,7 +16,9 @@ torch.set_num_threads(1)
 if sys.argv[1] == "retain":
     assert retain_freed_memory()
 layer = MRConv(40, 256, 28)  # MRConvNeXt-atto's first stage at 64 px
-u = torch.randn(16, 40, 256, requires_grad=True)
+# batch 128: its FFT temporaries (52 MB) are past the 32 MiB cap of glibc's adaptive mmap threshold, so by default
+# every step maps them afresh; at batch 16 (6.5 MB) glibc's adaptation makes the default vary from run to run
+u = torch.randn(128, 40, 256, requires_grad=True)
 for _ in range(2):
     layer(u).sum().backward()
 faults = []
@@ -35,9 +37,9 @@ def _faults_per_step(mode: str) -> list[float]:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
 def test_training_steps_stop_page_faulting_their_temporaries():
-    """By default glibc hands the FFT buffers back to the kernel in most steps (its adaptive thresholds let some
-    steps through: hence the mean); with freed memory kept, the typical step faults nothing (the median: now and
-    then the host's own memory reclaim, or a new allocation size, faults a step's worth back in)."""
+    """By default glibc maps these temporaries afresh and hands them back every step (tens of thousands of faults a
+    step, every step); with freed memory kept the typical step faults nothing (the median: now and then the host's
+    own memory reclaim, or a new allocation size, faults a few pages back in)."""
     default, retained = _faults_per_step("default"), _faults_per_step("retain")
-    assert statistics.mean(default) > 1000, default  # the test can tell
-    assert statistics.median(retained) * 10 < statistics.mean(default), (retained, default)
+    assert min(default) > 10_000, default  # the test can tell, in every step
+    assert statistics.median(retained) * 10 < min(default), (retained, default)
