@@ -90,7 +90,8 @@ def task_pid(job_id: str, rank: int) -> int:
         if argv[1:3] == [b"-m", b"train"] and env.get("SLURM_JOB_ID") == job_id \
                 and env.get("SLURM_PROCID") == str(rank):
             found.append(int(proc.name))
-    # Its data workers are forks of it (same command line and environment): keep the process they descend from.
+    # With data.worker_start=fork its data workers are forks of it (same command line and environment): keep the
+    # process they descend from (the default fork server's workers carry the server's command line instead).
     trainers = [pid for pid in found if _parent(pid) not in found]
     assert len(trainers) == 1, f"rank {rank} of job {job_id}: processes {found}"
     return trainers[0]
