@@ -77,13 +77,13 @@ def axis_affine(img: Image.Image, data: Sequence[float], resample: int, fillcolo
     coord, along_x = found
     size = width if along_x else height
     outside = (coord < 0.0) | (coord >= size)  # Pillow's filters refuse these: the fill colour stays
-    shifted = coord - 0.5
-    base = np.floor(shifted)
-    frac = shifted - base  # Pillow's dx (or dy), per pixel
-    # each row (column) must read one run of source pixels: base = start + position along the axis
-    ramp = np.arange(size, dtype=np.float64)
+    coord -= 0.5
+    base = np.floor(coord)
+    frac = np.subtract(coord, base, out=coord)  # Pillow's dx (or dy), per pixel
+    # each row (column) must read one run of source pixels: base minus the position along the axis is constant
+    base -= np.arange(size, dtype=np.float64) if along_x else np.arange(size, dtype=np.float64)[:, None]
     start = base[:, :1] if along_x else base[:1, :]
-    if not np.array_equal(base, start + (ramp if along_x else ramp[:, None])):
+    if not (base == start).all():
         return None
     # gather the runs (taps - 1 extra, the cubic's starting one before), clamped at the edges as Pillow clamps
     lead, span = taps // 2 - 1, size + taps - 1
@@ -97,31 +97,33 @@ def axis_affine(img: Image.Image, data: Sequence[float], resample: int, fillcolo
     # channel-major (C, ...) runs from the interleaved pixels: element (pixel * C + c)
     runs = np.take(pixels.reshape(-1), index * channels + np.arange(channels)[:, None, None])
     tap = [runs[:, :, j: j + width] if along_x else runs[:, j: j + height] for j in range(taps)]
-    shape = (channels, height, width)
+    shape = (height, width)
+    out = np.empty((channels, height, width), np.uint8)
     value = _work("value", shape, np.float64)
-    if taps == 2:  # BILINEAR(v, a, b, d) = a + (b - a) * d
-        diff = np.subtract(tap[1], tap[0], out=_work("p2", shape, np.int16), dtype=np.int16)
-        np.multiply(diff, frac, out=value)
-        value += tap[0]
-    else:  # BICUBIC: p1 + d * (p2 + d * (p3 + d * p4)), the p's in integers as Pillow's macro computes them
-        v1, v2, v3, v4 = tap
-        p2 = np.subtract(v3, v1, out=_work("p2", shape, np.int16), dtype=np.int16)
-        p3 = np.subtract(v1, v2, out=_work("p3", shape, np.int16), dtype=np.int16)
-        p3 *= 2
-        p3 += v3
-        p3 -= v4
-        p4 = np.subtract(v2, v1, out=_work("p4", shape, np.int16), dtype=np.int16)
-        p4 -= v3
-        p4 += v4
-        np.multiply(p4, frac, out=value)
-        value += p3
-        value *= frac
-        value += p2
-        value *= frac
-        value += v2
-        np.clip(value, 0.0, 255.0, out=value)
-    out = np.empty(shape, np.uint8)
-    np.copyto(out, value, casting="unsafe")  # Pillow's (UINT8) cast: truncation
+    for c in range(channels):  # a plane at a time: its work arrays stay in cache
+        tc = [t[c] for t in tap]
+        if taps == 2:  # BILINEAR(v, a, b, d) = a + (b - a) * d
+            diff = np.subtract(tc[1], tc[0], out=_work("p2", shape, np.int16), dtype=np.int16)
+            np.multiply(diff, frac, out=value)
+            value += tc[0]
+        else:  # BICUBIC: p1 + d * (p2 + d * (p3 + d * p4)), the p's in integers as Pillow's macro computes them
+            v1, v2, v3, v4 = tc
+            p2 = np.subtract(v3, v1, out=_work("p2", shape, np.int16), dtype=np.int16)
+            p3 = np.subtract(v1, v2, out=_work("p3", shape, np.int16), dtype=np.int16)
+            p3 *= 2
+            p3 += v3
+            p3 -= v4
+            p4 = np.subtract(v2, v1, out=_work("p4", shape, np.int16), dtype=np.int16)
+            p4 -= v3
+            p4 += v4
+            np.multiply(p4, frac, out=value)
+            value += p3
+            value *= frac
+            value += p2
+            value *= frac
+            value += v2
+            np.clip(value, 0.0, 255.0, out=value)
+        np.copyto(out[c], value, casting="unsafe")  # Pillow's (UINT8) cast: truncation
     if outside.any():
         fill = _fill_pixel(img.mode, None if fillcolor is None else _hashable(fillcolor))
         for plane, colour in zip(out, fill):
