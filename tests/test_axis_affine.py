@@ -100,3 +100,22 @@ def test_vectorized_rand_augment_draws_like_timm_and_gives_its_images(monkeypatc
         seed_all(seed)
         assert np.array_equal(ours, np.asarray(timm_ra(small)))
     assert len(calls) == count
+
+
+def test_interpolation_is_pillows_macros_value_for_value():
+    """The whole-array kernels against Pillow's BILINEAR and BICUBIC macros written out for one value in Python
+    floats (C doubles, the same order of operations)."""
+    rng = np.random.default_rng(2)
+    taps = [rng.integers(0, 256, 500).astype(np.uint8) for _ in range(4)]
+    d = rng.random(500)
+    d[:5] = [0.0, 0.5, 0.25, 1 - 2**-52, 2**-40]
+
+    def cubic(v1, v2, v3, v4, t):
+        v1, v2, v3, v4 = int(v1), int(v2), int(v3), int(v4)
+        p1, p2, p3, p4 = float(v2), float(-v1 + v3), float(2 * (v1 - v2) + v3 - v4), float(-v1 + v2 - v3 + v4)
+        return min(max(p1 + t * (p2 + t * (p3 + t * p4)), 0.0), 255.0)
+
+    linear = A.pillow_linear(taps[:2], d, np.empty(500))
+    assert linear.tolist() == [int(a) + (int(b) - int(a)) * t for a, b, t in zip(*taps[:2], d)]
+    cubics = A.pillow_cubic(taps, d, np.empty(500))
+    assert cubics.tolist() == [cubic(*v, t) for *v, t in zip(*taps, d)]

@@ -101,35 +101,45 @@ def axis_affine(img: Image.Image, data: Sequence[float], resample: int, fillcolo
     out = np.empty((channels, height, width), np.uint8)
     value = _work("value", shape, np.float64)
     for c in range(channels):  # a plane at a time: its work arrays stay in cache
-        tc = [t[c] for t in tap]
-        if taps == 2:  # BILINEAR(v, a, b, d) = a + (b - a) * d
-            diff = np.subtract(tc[1], tc[0], out=_work("p2", shape, np.int16), dtype=np.int16)
-            np.multiply(diff, frac, out=value)
-            value += tc[0]
-        else:  # BICUBIC: p1 + d * (p2 + d * (p3 + d * p4)), the p's in integers as Pillow's macro computes them
-            v1, v2, v3, v4 = tc
-            p2 = np.subtract(v3, v1, out=_work("p2", shape, np.int16), dtype=np.int16)
-            p3 = np.subtract(v1, v2, out=_work("p3", shape, np.int16), dtype=np.int16)
-            p3 *= 2
-            p3 += v3
-            p3 -= v4
-            p4 = np.subtract(v2, v1, out=_work("p4", shape, np.int16), dtype=np.int16)
-            p4 -= v3
-            p4 += v4
-            np.multiply(p4, frac, out=value)
-            value += p3
-            value *= frac
-            value += p2
-            value *= frac
-            value += v2
-            np.clip(value, 0.0, 255.0, out=value)
-        np.copyto(out[c], value, casting="unsafe")  # Pillow's (UINT8) cast: truncation
+        interpolate = pillow_linear if taps == 2 else pillow_cubic
+        np.copyto(out[c], interpolate([t[c] for t in tap], frac, value), casting="unsafe")  # (UINT8): truncation
     if outside.any():
         fill = _fill_pixel(img.mode, None if fillcolor is None else _hashable(fillcolor))
         for plane, colour in zip(out, fill):
             plane[outside] = colour
     bands = [Image.frombuffer("L", (width, height), plane, "raw", "L", 0, 1) for plane in out]
     return bands[0] if channels == 1 else Image.merge(img.mode, bands)
+
+
+def pillow_linear(taps: Sequence[np.ndarray], d: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """Pillow's ``BILINEAR(v, a, b, d) = a + (b - a) * d`` on uint8 tap arrays, in doubles, into ``out``."""
+    a, b = taps
+    diff = np.subtract(b, a, out=_work("p2", out.shape, np.int16), dtype=np.int16)
+    np.multiply(diff, d, out=out)
+    out += a
+    return out
+
+
+def pillow_cubic(taps: Sequence[np.ndarray], d: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """Pillow's ``BICUBIC`` macro (a = -1) on uint8 tap arrays: ``p1 + d * (p2 + d * (p3 + d * p4))`` with the p's in
+    integers as the macro computes them and the Horner steps in doubles in its order, clipped to 0..255, into
+    ``out``."""
+    v1, v2, v3, v4 = taps
+    p2 = np.subtract(v3, v1, out=_work("p2", out.shape, np.int16), dtype=np.int16)
+    p3 = np.subtract(v1, v2, out=_work("p3", out.shape, np.int16), dtype=np.int16)
+    p3 *= 2
+    p3 += v3
+    p3 -= v4
+    p4 = np.subtract(v2, v1, out=_work("p4", out.shape, np.int16), dtype=np.int16)
+    p4 -= v3
+    p4 += v4
+    np.multiply(p4, d, out=out)
+    out += p3
+    out *= d
+    out += p2
+    out *= d
+    out += v2
+    return np.clip(out, 0.0, 255.0, out=out)
 
 
 @functools.lru_cache(maxsize=64)
