@@ -1,6 +1,7 @@
 """pipelines.data.axis_affine: timm's shear and translate ops, vectorized, give Pillow's bytes and timm's draws."""
 from __future__ import annotations
 
+import pickle
 import random
 
 import numpy as np
@@ -100,6 +101,14 @@ def test_vectorized_rand_augment_draws_like_timm_and_gives_its_images(monkeypatc
         seed_all(seed)
         assert np.array_equal(ours, np.asarray(timm_ra(small)))
     assert len(calls) == count
+    # the loader's workers receive it pickled (fork server, spawn): it survives that and still gives timm's images
+    revived = pickle.loads(pickle.dumps(fast))
+    for seed in range(20):
+        seed_all(seed)
+        ours = np.asarray(revived(img))
+        seed_all(seed)
+        assert np.array_equal(ours, np.asarray(timm_ra(img)))
+    assert len(calls) > count
 
 
 def test_interpolation_is_pillows_macros_value_for_value():

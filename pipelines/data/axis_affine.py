@@ -171,12 +171,15 @@ class _AxisAffineImage:
         return self.img.transform(size, method, data, resample, fill, fillcolor)
 
 
-def _vectorized(aug_fn):
-    """timm's op function, handed the image behind an ``_AxisAffineImage``."""
-    @functools.wraps(aug_fn)
-    def op(img, *args, **kwargs):
-        return aug_fn(_AxisAffineImage(img) if isinstance(img, Image.Image) else img, *args, **kwargs)
-    return op
+class _Vectorized:
+    """timm's op function, handed the image behind an ``_AxisAffineImage``. A class rather than a closure: the
+    transform is pickled to the loader's workers (the fork server's and spawn's)."""
+
+    def __init__(self, aug_fn):
+        self.__wrapped__ = aug_fn
+
+    def __call__(self, img, *args, **kwargs):
+        return self.__wrapped__(_AxisAffineImage(img) if isinstance(img, Image.Image) else img, *args, **kwargs)
 
 
 def vectorized_shifts(step):
@@ -187,8 +190,8 @@ def vectorized_shifts(step):
     fast = copy.copy(step)
     fast.ops = []
     for op in step.ops:
-        if op.name in SHIFT_OPS and not hasattr(op.aug_fn, "__wrapped__"):
+        if op.name in SHIFT_OPS and not isinstance(op.aug_fn, _Vectorized):
             op = copy.copy(op)
-            op.aug_fn = _vectorized(op.aug_fn)
+            op.aug_fn = _Vectorized(op.aug_fn)
         fast.ops.append(op)
     return fast
