@@ -54,6 +54,7 @@ def test_axis_affine_declines_what_it_does_not_cover():
     assert A.axis_affine(rgb, (2, 0, 0, 0, 1, 0), BICUBIC) is None  # a scaling
     assert A.axis_affine(rgb, (1, 0.3, 0, 0, 1, 0), Image.Resampling.NEAREST) is None
     assert A.axis_affine(rgb.convert("RGBA"), (1, 0.3, 0, 0, 1, 0), BICUBIC) is None
+    assert A.axis_affine(rgb, (1, 0.3, 0, 0, 1, 0), BICUBIC, [1, 2, 3]) is None  # Pillow's call judges a list
 
 
 def seed_all(seed: int) -> None:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import copy
 import functools
 import threading
+from collections.abc import Hashable
 from typing import Sequence
 
 import numpy as np
@@ -68,8 +69,8 @@ def axis_affine(img: Image.Image, data: Sequence[float], resample: int, fillcolo
     """``img.transform(img.size, Image.AFFINE, data, resample, fillcolor=fillcolor)`` for a one-axis map, bilinear
     or bicubic, mode L or RGB: the same bytes, vectorized; None where it does not apply (use Pillow)."""
     taps = _TAPS.get(resample)
-    if taps is None or img.mode not in ("L", "RGB"):
-        return None
+    if taps is None or img.mode not in ("L", "RGB") or not isinstance(fillcolor, Hashable):
+        return None  # (a list as fill colour: Pillow's own call says what it makes of it)
     height, width = img.height, img.width
     found = source_coordinates(data, height, width)
     if found is None:
@@ -104,7 +105,7 @@ def axis_affine(img: Image.Image, data: Sequence[float], resample: int, fillcolo
         interpolate = pillow_linear if taps == 2 else pillow_cubic
         np.copyto(out[c], interpolate([t[c] for t in tap], frac, value), casting="unsafe")  # (UINT8): truncation
     if outside.any():
-        fill = _fill_pixel(img.mode, None if fillcolor is None else _hashable(fillcolor))
+        fill = _fill_pixel(img.mode, fillcolor)
         for plane, colour in zip(out, fill):
             plane[outside] = colour
     bands = [Image.frombuffer("L", (width, height), plane, "raw", "L", 0, 1) for plane in out]
@@ -148,9 +149,6 @@ def _fill_pixel(mode: str, fillcolor) -> np.ndarray:
     Pillow clears what its filter refuses when no fill colour is given."""
     return np.asarray(Image.new(mode, (1, 1), 0 if fillcolor is None else fillcolor), dtype=np.uint8).reshape(-1)
 
-
-def _hashable(colour):
-    return tuple(colour) if isinstance(colour, (list, tuple, np.ndarray)) else colour
 
 
 class _AxisAffineImage:
