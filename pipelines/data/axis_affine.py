@@ -150,7 +150,6 @@ def _fill_pixel(mode: str, fillcolor) -> np.ndarray:
     return np.asarray(Image.new(mode, (1, 1), 0 if fillcolor is None else fillcolor), dtype=np.uint8).reshape(-1)
 
 
-
 class _AxisAffineImage:
     """What timm's shear and translate functions see instead of the image: its ``size``, and a ``transform`` that
     runs ``axis_affine`` (Pillow's own where that declines)."""
@@ -163,10 +162,10 @@ class _AxisAffineImage:
         values = img.width * img.height * len(img.getbands())
         if (method == Image.Transform.AFFINE and tuple(size) == img.size and data is not None
                 and values >= MIN_VALUES.get(resample, values + 1)):
-            out = axis_affine(self.img, data, resample, fillcolor)
+            out = axis_affine(img, data, resample, fillcolor)
             if out is not None:
                 return out
-        return self.img.transform(size, method, data, resample, fill, fillcolor)
+        return img.transform(size, method, data, resample, fill, fillcolor)
 
 
 class _Vectorized:
