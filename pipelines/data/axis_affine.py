@@ -56,13 +56,12 @@ def source_coordinates(data: Sequence[float], height: int, width: int) -> tuple[
     a0, a1, a2, a3, a4, a5 = (float(v) for v in data[:6])
     if not all(map(np.isfinite, (a1, a2, a3, a5))):
         return None
+    along_x = a3 == 0 and a5 == 0  # y' = y exactly: moves along x (else x' = x exactly: moves along y)
+    if a0 != 1 or a4 != 1 or not (along_x or (a1 == 0 and a2 == 0)):
+        return None
     xs = np.arange(width, dtype=np.float64) + 0.5
     ys = np.arange(height, dtype=np.float64)[:, None] + 0.5
-    if a0 == 1 and a4 == 1 and a3 == 0 and a5 == 0:  # y' = y exactly: moves along x
-        return (a0 * xs + a1 * ys) + a2, True
-    if a0 == 1 and a4 == 1 and a1 == 0 and a2 == 0:  # x' = x exactly: moves along y
-        return (a3 * xs + a4 * ys) + a5, False
-    return None
+    return ((a0 * xs + a1 * ys) + a2 if along_x else (a3 * xs + a4 * ys) + a5), along_x
 
 
 def axis_affine(img: Image.Image, data: Sequence[float], resample: int, fillcolor=None) -> Image.Image | None:
@@ -101,8 +100,8 @@ def axis_affine(img: Image.Image, data: Sequence[float], resample: int, fillcolo
     shape = (height, width)
     out = np.empty((channels, height, width), np.uint8)
     value = _work("value", shape, np.float64)
+    interpolate = pillow_linear if taps == 2 else pillow_cubic
     for c in range(channels):  # a plane at a time: its work arrays stay in cache
-        interpolate = pillow_linear if taps == 2 else pillow_cubic
         np.copyto(out[c], interpolate([t[c] for t in tap], frac, value), casting="unsafe")  # (UINT8): truncation
     if outside.any():
         fill = _fill_pixel(img.mode, fillcolor)
