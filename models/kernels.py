@@ -189,7 +189,7 @@ class LongConv:
         if impl == "triton" and length > TRITON_MAX_LEN:
             from . import triton_fft
             n = triton_fft.monarch_size(length, self.len_fwd, self.len_bwd)
-            # sizes past triton_fft.MAX_SIZE (8192: L above 4096 with full-length kernels) stay on torch.fft
+            # sizes past triton_fft.MAX_SIZE (16384: L above 8192 with full-length kernels) stay on torch.fft
             self.impl = "fft" if n is None else "triton_fft"
         if self.impl == "toeplitz":
             self.operator = toeplitz(fwd, bwd, length)

@@ -41,28 +41,51 @@ def test_sizes_and_factors():
     assert [triton_fft.monarch_size(length, 1, 0) for length in (1, 256, 257, 3136, 8192)] == [
         256, 256, 512, 4096, 8192]
     assert triton_fft.monarch_size(3136, 3136, 3135) == 8192  # 6271 without wrap-around
-    assert triton_fft.monarch_size(4097, 4097, 0) is None
-    assert {n: triton_fft.factors(n) for n in (256, 512, 1024, 8192)} == {
-        256: (16, 16), 512: (32, 16), 1024: (32, 32), 8192: (128, 64)}
+    assert triton_fft.monarch_size(8192, 8192, 8191) == 16384
+    assert triton_fft.monarch_size(8193, 8193, 0) is None
+    assert {n: triton_fft.factors(n) for n in (256, 512, 1024, 2048, 4096, 8192)} == {
+        256: (16, 16), 512: (32, 16), 1024: (32, 32), 2048: (64, 32), 4096: (16, 256), 8192: (32, 256)}
+    assert [triton_fft.inner_factor(n) for n in (2048, 4096, 8192)] == [0, 16, 16]
+    # the L = 3136 stage: 16 rows of 256 hold its input; the dense 128 x 64 held it in 64 rows of 64 and made
+    # n (4 x 64 + 8 x 64) = 6.3 M
+    assert triton_fft.input_rows(8192, 3136) == 16
+    assert triton_fft.row_macs(8192, 3136) == 8192 * (4 * 16 + 16 * 16) == 2_621_440
+    assert triton_fft.row_macs(2048, 784) == 2048 * (4 * 32 + 8 * 32)  # dense 64 x 32, 25 of 64 rows -> 32
 
 
-@pytest.mark.parametrize("n", [256, 512, 8192])
+def row_dft(a: torch.Tensor, row: torch.Tensor, n: int, conj: bool = False) -> torch.Tensor:
+    """The kernel's row DFT written in torch (``_row_dft``), from ``dft_factors``' row factor: dense, or the 16 x 16
+    steps."""
+    m = triton_fft.inner_factor(n)
+    if not m:
+        f2 = torch.complex(row[0], row[1])
+        return a @ (f2.conj() if conj else f2)
+    g, tw = (torch.complex(t[0], t[1]) for t in row)
+    if conj:
+        g, tw = g.conj(), tw.conj()
+    grid = a.reshape(*a.shape[:-1], m, m)
+    grid = (grid @ g if conj else g @ grid) * tw
+    return (g @ grid if conj else grid @ g).reshape(a.shape)
+
+
+@pytest.mark.parametrize("n", [256, 512, 2048, 4096, 8192])
 def test_four_step_factorization_equals_torch_fft_in_float64(n):
     """The kernel's algorithm written in torch, with the module's factors and spectrum layout: forward four steps =
-    ``fft``, inverse four steps (real part) = ``ifft``."""
+    ``fft``, inverse four steps (real part) = ``ifft``; from 4096 with the row DFT factored again."""
     torch.manual_seed(0)
-    f1, f2, tw = (torch.complex(t[0], t[1]) for t in triton_fft.dft_factors(n, "cpu", torch.float64))
+    f1_planes, row, tw_planes = triton_fft.dft_factors(n, "cpu", torch.float64)
+    f1, tw = torch.complex(f1_planes[0], f1_planes[1]), torch.complex(tw_planes[0], tw_planes[1])
     n1, n2 = triton_fft.factors(n)
     x = torch.randn(3, n - 37, dtype=torch.float64)
     grid = torch.nn.functional.pad(x, (0, 37)).reshape(3, n1, n2).to(torch.complex128)
-    spectrum = ((f1 @ grid) * tw) @ f2
+    spectrum = row_dft((f1 @ grid) * tw, row, n)
     want = triton_fft._to_monarch(torch.fft.fft(x, n=n), n)
     assert (torch.stack([spectrum.real, spectrum.imag], dim=-3) - want).abs().max() <= 1e-12 * want.abs().max()
 
-    y_hat = torch.randn(3, n1, n2, dtype=torch.complex128)
-    inner = (y_hat @ f2.conj()) * tw.conj()
+    full = torch.randn(3, n, dtype=torch.complex128)
+    y_hat = triton_fft._to_monarch(full, n)
+    inner = row_dft(torch.complex(y_hat[:, 0], y_hat[:, 1]), row, n, conj=True) * tw.conj()
     back = (f1.real @ inner.real + f1.imag @ inner.imag).reshape(3, n) / n
-    full = y_hat.transpose(-1, -2).reshape(3, n)  # index k1 + n1 * k2
     assert (back - torch.fft.ifft(full).real).abs().max() <= 1e-12
 
 
@@ -133,25 +156,31 @@ def test_half_precision_input_is_read_as_given(dtype, fft_everywhere):
         assert relative_error(y, torch.stack([naive_conv(rounded, fwd[i], bwd[i]) for i in range(2)], 1)) <= 1e-5
 
 
-def test_n_8192_equals_torch_fft():
-    """n = 8192 (the L = 3136 stage's size: N1 = 128, N2 = 64, eight row blocks) against torch.fft in float64, conv
-    and adjoint."""
-    torch.manual_seed(0)
-    length, dim = 2100, 2
+@pytest.mark.parametrize("length, n", [(2100, 8192), (1500, 4096), (5000, 16384)])
+def test_factored_sizes_equal_torch_fft(length, n):
+    """The sizes whose row DFT is factored again: n = 8192 (the L = 3136 stage's size: N1 = 32, N2 = 256 = 16 x 16,
+    two row blocks), 4096 (N1 = 16, one block) and 16384 (four blocks, 32 input rows), against torch.fft in
+    float64: conv, adjoint and square sums."""
+    torch.manual_seed(length)
+    dim = 2
     u = torch.randn(2, dim, length, dtype=torch.float64)
     fwd, bwd = torch.randn(2, dim, length, dtype=torch.float64), torch.randn(2, dim, length - 1, dtype=torch.float64)
     ref_op = K.LongConv(fwd, bwd, length, "fft")
     op = K.LongConv(fwd.float().to(DEVICE), bwd.float().to(DEVICE), length, "triton")
-    assert op.impl == "triton_fft" and op.n == 8192
-    assert relative_error(op.conv(u.float().to(DEVICE)), ref_op.conv(ref_op.prepare(u))) <= 1e-5
+    assert op.impl == "triton_fft" and op.n == n
+    ref = ref_op.conv(ref_op.prepare(u))
+    assert relative_error(op.conv(u.float().to(DEVICE)), ref) <= 1e-5
     grad = torch.randn(2, 2, dim, length, dtype=torch.float64)
     assert relative_error(op.adjoint(grad.float().to(DEVICE)), ref_op.adjoint(grad)) <= 1e-5
+    center = ref.mean(dim=(0, 3))
+    want = (ref - center[None, :, :, None]).square().sum(dim=(0, 3))
+    assert relative_error(op.centred_square_sums(u.float().to(DEVICE), center.float().to(DEVICE)), want) <= 1e-5
 
 
 def test_lengths_past_the_largest_fft_stay_on_torch_fft():
-    fwd = torch.randn(1, 1, 5000)
-    assert K.LongConv(fwd, fwd[..., :-1], 5000, "triton").impl == "fft"  # n would be 16384
-    assert K.LongConv(fwd[..., :8], None, 5000, "triton").impl == "triton_fft"  # n = 8192
+    fwd = torch.randn(1, 1, 9000)
+    assert K.LongConv(fwd, fwd[..., :-1], 9000, "triton").impl == "fft"  # n would be 32768
+    assert K.LongConv(fwd[..., :8], None, 9000, "triton").impl == "triton_fft"  # n = 16384
     assert K.LongConv(fwd[..., :8], None, 784, "triton").impl == "triton"  # Toeplitz tiles up to TRITON_MAX_LEN
 
 
@@ -256,26 +285,29 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler.compiler import ASTSource
 from models import triton_fft as T
 kernel = T._fft_conv_kernel
-rows = T.factors(T.MAX_SIZE)[0]
 shared = {}
-for dtype, sum_k, squares in (("fp32", False, False), ("bf16", True, False), ("bf16", False, True)):
-    consts = T._meta(T.MAX_SIZE, rows, getattr(torch, {"fp32": "float32", "bf16": "bfloat16"}[dtype]))
+for n, dtype, sum_k, squares in ((T.MAX_SIZE, "fp32", False, False), (T.MAX_SIZE, "bf16", True, False),
+                                 (T.MAX_SIZE, "bf16", False, True), (2048, "fp32", True, False),
+                                 (2048, "bf16", False, False)):
+    consts = T._meta(n, T.factors(n)[0], getattr(torch, {"fp32": "float32", "bf16": "bfloat16"}[dtype]))
     options = {key: consts.pop(key) for key in ("num_warps", "num_stages")}
     consts["SUM_K"], consts["SQUARES"] = sum_k, squares
     sig = {name: "constexpr" if name in consts else "i32" if name in ("B", "D", "L", "NK") else
            f"*{dtype}" if name == "x_ptr" else "*fp32" for name in kernel.arg_names}
     compiled = triton.compile(ASTSource(kernel, sig, consts), target=GPUTarget("cuda", 90, 32), options=options)
-    shared[f"{dtype} {'fan-in' if sum_k else 'squares' if squares else 'fan-out'}"] = compiled.metadata.shared
+    shared[f"{n} {dtype} {'fan-in' if sum_k else 'squares' if squares else 'fan-out'}"] = compiled.metadata.shared
 print(json.dumps(shared))
 """
 
 
 def test_kernel_compiles_for_sm90_within_an_a100s_shared_memory():
-    """The interpreter runs what a GPU compiler may refuse (tile shapes, types, resources). Compiled here for sm_90 by
-    Triton's own compiler and ptxas, no GPU needed, at the largest size with every row holding input: fp32 fan-out,
-    bf16 fan-in and bf16 square sums ask for at most an A100's 163 KB of shared memory per block (an H100 has
-    227 KB)."""
+    """The interpreter runs what a GPU compiler may refuse (tile shapes, types, resources, and code in a
+    compile-time branch not taken). Compiled here for sm_90 by Triton's own compiler and ptxas, no GPU needed, with
+    every row holding input, at the largest size (factored row DFT: fp32 fan-out, bf16 fan-in, bf16 square sums)
+    and at 2048 (dense): each asks for at most an A100's 163 KB of shared memory per block (an H100 has 227 KB)."""
     from tests.triton_compile import shared_memory
     shared = shared_memory(_COMPILE_FOR_SM90)
-    assert set(shared) == {"fp32 fan-out", "bf16 fan-in", "bf16 squares"}, shared
+    largest = triton_fft.MAX_SIZE
+    assert set(shared) == {f"{largest} fp32 fan-out", f"{largest} bf16 fan-in", f"{largest} bf16 squares",
+                           "2048 fp32 fan-in", "2048 bf16 fan-out"}, shared
     assert max(shared.values()) <= 163 * 1024, shared
