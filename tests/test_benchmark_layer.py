@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
-from pipelines.benchmark import layer
+from pipelines.benchmark import layer, timing
 
 TINY = ["--batch-size", "1", "--iters", "1", "--rounds", "1", "--threads", "1"]
 
@@ -15,3 +16,10 @@ def test_layer_benchmark_prints_every_stage_and_a_summary(mode, capsys):
     rows = [line for line in out if line.split("|")[0].split()[:1] in (["3136"], ["784"], ["196"], ["49"])]
     assert len(rows) == 4
     assert out[-1].startswith("summary:") and out[-1].count("x") >= 4
+
+
+def test_peak_bandwidth():
+    """The peak the achieved GB/s are set against: an H100 SXM's reported memory clock and bus width give its
+    published 3.35 TB/s; the CPU states none."""
+    assert timing.memory_bandwidth_gbs(2_619_000, 5120) == pytest.approx(3352.3, abs=0.1)
+    assert timing.peak_bandwidth_gbs(torch.device("cpu")) is None

@@ -4,7 +4,9 @@ At the four flattened ConvNeXt-T stage shapes at 224 (L = 3136, 784, 196, 49; C 
 variants interleaved in one run:
 
 * inference (eval, ``torch.inference_mode``): the fused layer (``auto``, ``fft`` and ``toeplitz``) and the 7x7
-  depthwise conv, with the fused layer's achieved bandwidth counting its input and output bytes once;
+  depthwise conv, with the fused layer's achieved bandwidth counting its input and output bytes once (beside the
+  device's peak, on a GPU) and, where the fused layer runs the Triton FFT kernel, the tensor-core TFLOP/s of its
+  DFT products (``triton_fft.row_macs``);
 * training (``--train``: forward + backward in train mode): the training form (N branches, per-branch BatchNorm with
   batch statistics), the fused single kernel being trained, and the 7x7 depthwise conv.
 """
@@ -21,7 +23,7 @@ from models import MRConv
 from models.mrconv import CONV_IMPLS
 from models.mrconvnext import STAGE_L0
 
-from .timing import interleaved, machine_description
+from .timing import interleaved, machine_description, peak_bandwidth_gbs
 
 STAGES = [(96, 56), (192, 28), (384, 14), (768, 7)]  # ConvNeXt-T channels and feature map side at 224
 
@@ -51,15 +53,17 @@ def main(argv: list[str]) -> int:
     device = torch.device(args.device)
     mode = "forward + backward, train mode" if args.train else "forward, eval mode"
     precision = "bf16 autocast" if args.amp == "bf16" else "fp32"
+    peak = peak_bandwidth_gbs(device)
     print(f"MRConv layer {mode}, batch {args.batch_size}, {args.kernel_type}, bidirectional, {precision}, "
-          f"conv_impl={args.conv_impl}, on {machine_description(device)}")
+          f"conv_impl={args.conv_impl}, on {machine_description(device)}"
+          + (f", peak memory bandwidth {peak:,.0f} GB/s" if peak else ""))
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp == "bf16")
     if args.train:
         header = (f"{'L':>5} {'C':>4} {'N':>2} | {'training':>10} {'fused':>10} {'dw7x7':>10} | "
                   f"{'training/dw7x7':>14} {'training/fused':>14}")
     else:
         header = (f"{'L':>5} {'C':>4} {'N':>2} | {'fused':>10} {'fused fft':>10} {'fused toep':>10} {'dw7x7':>10} | "
-                  f"{'fused/dw7x7':>11} {'fused GB/s':>10}")
+                  f"{'fused/dw7x7':>11} {'fused GB/s':>10} {'of peak':>7} {'FFT TFLOP/s':>11}")
     print(header + "\n" + "-" * len(header))
     ratios = []
     for (dim, side), l0 in zip(STAGES, STAGE_L0):
@@ -98,8 +102,15 @@ def main(argv: list[str]) -> int:
         ratio = t["fused"] / t["dw"]
         ratios.append(ratio)
         gbps = 2 * x.numel() * x.element_size() / t["fused"] / 1e9  # input read + output written once
+        of_peak = f"{gbps / peak:>7.1%}" if peak else f"{'-':>7}"
+        with torch.no_grad():
+            op = fused[args.conv_impl]._fused_operator(length)
+        tflops = f"{'-':>11}"
+        if op.impl == "triton_fft":
+            from models import triton_fft
+            tflops = f"{2 * triton_fft.row_macs(op.n, length) * args.batch_size * dim / t['fused'] / 1e12:>11.1f}"
         print(f"{length:>5} {dim:>4} {layer.num_branches:>2} | {ms['fused']:>8.2f}ms {ms['fft']:>8.2f}ms "
-              f"{ms['toeplitz']:>8.2f}ms {ms['dw']:>8.2f}ms | {ratio:>10.2f}x {gbps:>10.1f}")
+              f"{ms['toeplitz']:>8.2f}ms {ms['dw']:>8.2f}ms | {ratio:>10.2f}x {gbps:>10.1f} {of_peak} {tflops}")
     what = "training form" if args.train else "fused layer"
     print(f"summary: {what} / 7x7 depthwise conv at L = 3136, 784, 196, 49: "
           + ", ".join(f"{r:.2f}x" for r in ratios))

@@ -70,3 +70,19 @@ def machine_description(device: torch.device) -> str:
         return f"{device_name(device)}, torch {torch.__version__}"
     return (f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads, "
             f"torch {torch.__version__}")
+
+
+def memory_bandwidth_gbs(clock_khz: float, bus_bits: int) -> float:
+    """Peak memory bandwidth in GB/s of a memory clocked at ``clock_khz`` on a ``bus_bits`` wide bus, two transfers
+    a clock (an H100 SXM: 2,619 MHz x 5,120 bits -> 3,352 GB/s)."""
+    return 2 * clock_khz * 1e3 * bus_bits / 8 / 1e9
+
+
+def peak_bandwidth_gbs(device: torch.device) -> float | None:
+    """The accelerator's peak memory bandwidth in GB/s, from the memory clock and bus width its driver reports; None
+    on the CPU, or where the device does not report them."""
+    if not accelerated(device):
+        return None
+    props = torch.get_device_module(device.type).get_device_properties(device)
+    clock_khz, bus_bits = getattr(props, "memory_clock_rate", 0), getattr(props, "memory_bus_width", 0)
+    return memory_bandwidth_gbs(clock_khz, bus_bits) if clock_khz and bus_bits else None
