@@ -25,6 +25,13 @@ KERNEL_TYPES = ("dilated", "fourier", "sparse", "fourier_sparse", "dense")
 # product still costs about a depthwise conv on tensor cores (FIELD_NOTES: bf16 Toeplitz bmm at L = 784 on an H100),
 # the fused FFT kernel (models/triton_fft.py) above. Not yet measured with the Triton kernels themselves.
 TRITON_MAX_LEN = 784
+# impl="triton" on fp32 inputs (the training form's, an fp32 model's): Triton's tl.dot input precision. "tf32x3"
+# multiplies as three TF32 tensor-core products (operands split into high and low TF32 parts, low x low dropped)
+# rather than with fp32 FMAs ("ieee"). Emulated in torch at L = 3136 (FFT size 8192), the conv's error against
+# float64: 2.3e-7 relative, as with fp32 FMAs (2.4e-7; one TF32 product: 3.9e-4). Compiled for sm_90 at n = 8192
+# the FFT kernel's FMA path spills 304-1,004 bytes a thread, this one 56-144. Its speed against "ieee" awaits a GPU:
+# ``pipelines.benchmark layer --fp32-precision``. bf16/fp16 inputs are not affected.
+TRITON_FP32_PRECISION = "tf32x3"
 
 
 def num_resolutions(seq_len: int, l0: int, max_resolutions: int | None = None) -> int:
@@ -189,7 +196,7 @@ class LongConv:
         if impl == "triton" and length > TRITON_MAX_LEN:
             from . import triton_fft
             n = triton_fft.monarch_size(length, self.len_fwd, self.len_bwd)
-            # sizes past triton_fft.MAX_SIZE (16384: L above 8192 with full-length kernels) stay on torch.fft
+            # sizes past triton_fft.MAX_SIZE (8192: L above 4096 with full-length kernels) stay on torch.fft
             self.impl = "fft" if n is None else "triton_fft"
         if self.impl == "toeplitz":
             self.operator = toeplitz(fwd, bwd, length)

@@ -1,6 +1,6 @@
 """Depthwise long convolution as one fused FFT per row, the FFT written as matrix products (Triton).
 
-For an FFT size ``n = N1 * N2`` (powers of two, 256 to 16384) a row ``x`` of the zero-padded input is the
+For an FFT size ``n = N1 * N2`` (powers of two, 256 to 8192) a row ``x`` of the zero-padded input is the
 (N1, N2) matrix ``X[t1, t2] = x[N2 * t1 + t2]``, and the four-step ("Monarch") factorization of its DFT is::
 
     A = F_N1 @ X                      (k1, t2)
@@ -50,10 +50,10 @@ MIN_FACTOR = 16  # tl.dot tiles are at least 16 wide
 # 2 x 16 complex multiply-adds rather than N2 (64 for the dense 128 x 64 at n = 8192), and ``row_macs`` drops from
 # 6.3 M to 2.6 M real multiply-adds per row. Below 4096, N1 would fall under 16, the smallest tl.dot side.
 INNER, FACTORED_FROM = 16, 4096
-# Compiled for sm_90 at n = 16384 (64 x 256): 74 KB of shared memory, no spills from bf16 inputs (the fp32 path
-# spills 400-1,100 bytes a thread, as it does at 8192); covers L = 8192 with full-length kernels. The dense
-# 128 x 128 this size once needed asked for 221 KB.
-MIN_SIZE, MAX_SIZE = 256, 16384
+# n = 16384 (64 x 256) with all 64 rows holding input, compiled for sm_90: 172 KB of shared memory for an fp32
+# input (more than an A100 has) and 1-2.4 KB of register spills a thread; 8192 (32 x 256) covers L = 3136 with
+# full-length kernels in at most 110 KB.
+MIN_SIZE, MAX_SIZE = 256, 8192
 
 
 def monarch_size(length: int, len_fwd: int, len_bwd: int) -> int | None:
@@ -317,12 +317,13 @@ def _meta(n: int, rows: int, dtype: torch.dtype) -> dict:
     """The kernel's compile-time parameters and launch options for FFT size ``n``, ``rows`` rows of input (t1) and
     an input of ``dtype``."""
     n1, n2 = factors(n)
-    # fp32 inputs keep fp32 products (1e-5 of the reference); bf16/fp16 inputs take TF32 tensor cores.
+    # fp32 inputs keep fp32's accuracy (1e-5 of the reference; kernels.TRITON_FP32_PRECISION); bf16/fp16 inputs
+    # take single TF32 products.
     # Each program's work is a chain of dependent products: nothing for a software pipeline to overlap, and its
     # buffers would cost shared memory. 8 warps: compiled for sm_90, the fp32 (FMA) path spills less than with 4
     # (the dense n = 8192: 680 vs 840 bytes of stack per thread; none at n <= 2048), the TF32 path spills at neither.
     return dict(N1=n1, N2=n2, M=inner_factor(n), ROWS=rows, RB=MIN_FACTOR,
-                PREC="ieee" if dtype in (torch.float32, torch.float64) else "tf32", num_warps=8, num_stages=1)
+                PREC=K.TRITON_FP32_PRECISION if dtype in (torch.float32, torch.float64) else "tf32", num_warps=8, num_stages=1)
 
 
 def _launch(x: torch.Tensor, spec: torch.Tensor, dft1: torch.Tensor, dft2: torch.Tensor, twiddle: torch.Tensor,
