@@ -31,7 +31,7 @@ _WIDEN_BF16 = os.environ.get("TRITON_INTERPRET") == "1"
 
 @triton.jit
 def _toeplitz_kernel(x_ptr, lags_ptr, y_ptr, c_ptr, B, D, L, NK, span_lo, span_hi,
-                     x_kstride, y_kstride, SUM_K: tl.constexpr, SQUARES: tl.constexpr, IEEE: tl.constexpr,
+                     x_kstride, y_kstride, SUM_K: tl.constexpr, SQUARES: tl.constexpr, FP32_PREC: tl.constexpr,
                      WIDEN: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_B: tl.constexpr):
     """One (kernel-or-channel, t block, batch block) tile of the output.
 
@@ -63,8 +63,8 @@ def _toeplitz_kernel(x_ptr, lags_ptr, y_ptr, c_ptr, B, D, L, NK, span_lo, span_h
                          mask=(s[:, None] < L) & (b[None, :] < B), other=0.0)
             if WIDEN:
                 acc += tl.dot(tile.to(tl.float32), xs.to(tl.float32), input_precision="ieee")
-            elif IEEE:
-                acc += tl.dot(tile, xs, input_precision="ieee")
+            elif FP32_PREC != "":  # an fp32 input: kernels.TRITON_FP32_PRECISION
+                acc += tl.dot(tile, xs, input_precision=FP32_PREC)
             else:
                 acc += tl.dot(tile, xs)
     valid = (t[:, None] < L) & (b[None, :] < B)
@@ -92,7 +92,8 @@ def _launch(x: torch.Tensor, lags: torch.Tensor, span: tuple[int, int], sum_k: b
     y = x.new_empty(shape, dtype=torch.float32)
     _toeplitz_kernel[grid](x, lags.to(x.dtype).contiguous(), y, center if squares else y, batch, dim, length, nk,
                            span[0], span[1], dim * length, dim * length, SUM_K=sum_k, SQUARES=squares,
-                           IEEE=x.dtype == torch.float32, WIDEN=_WIDEN_BF16 and x.dtype == torch.bfloat16,
+                           FP32_PREC=K.TRITON_FP32_PRECISION if x.dtype == torch.float32 else "",
+                           WIDEN=_WIDEN_BF16 and x.dtype == torch.bfloat16,
                            BLOCK_T=block_t, BLOCK_S=block_s, BLOCK_B=block_b)
     return y
 

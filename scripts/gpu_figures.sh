@@ -58,4 +58,7 @@ step infer 80 $B models --models "$TINY@fused" "$TINY@unfused" $PEER --batch-siz
 [ "$DEV" = cuda ] && step layer_train 60 $B layer --device $DEV --conv-impl triton --amp bf16 --train $LAYER
 # 6. issue 14: the loader, GPU decode beside the CPU path and ImageFolder
 step loader 90 $B loader --decode gpu $LOADER
+# 7. issue 12: the Triton training form with fp32 FMA products instead of 3xTF32 (models.kernels.TRITON_FP32_PRECISION)
+[ "$DEV" = cuda ] && step layer_train_ieee 60 $B layer --device $DEV --conv-impl triton --amp bf16 --train \
+  --fp32-precision ieee $LAYER
 echo "summary: $(wc -l <"$OUT/summary.txt") steps in $((SECONDS - start))s; logs and CSVs in $OUT"

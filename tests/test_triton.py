@@ -139,10 +139,12 @@ from models import triton_toeplitz as T
 kernel = T._toeplitz_kernel
 ints = ("B", "D", "L", "NK", "span_lo", "span_hi", "x_kstride", "y_kstride")
 shared = {}
-for mode, sum_k, squares in (("fan-out", False, False), ("fan-in", True, False), ("squares", False, True)):
-    consts = dict(SUM_K=sum_k, SQUARES=squares, IEEE=False, WIDEN=False, BLOCK_T=32, BLOCK_S=32, BLOCK_B=32)
+for mode, sum_k, squares, dtype in (("fan-out", False, False, "bf16"), ("fan-in", True, False, "bf16"),
+                                   ("squares", False, True, "bf16"), ("fp32 fan-out", False, False, "fp32")):
+    consts = dict(SUM_K=sum_k, SQUARES=squares, FP32_PREC="tf32x3" if dtype == "fp32" else "", WIDEN=False,
+                  BLOCK_T=32, BLOCK_S=32, BLOCK_B=32)
     sig = {name: "constexpr" if name in consts else "i32" if name in ints else
-           "*bf16" if name in ("x_ptr", "lags_ptr") else "*fp32" for name in kernel.arg_names}
+           f"*{dtype}" if name in ("x_ptr", "lags_ptr") else "*fp32" for name in kernel.arg_names}
     compiled = triton.compile(ASTSource(kernel, sig, consts), target=GPUTarget("cuda", 90, 32),
                               options=dict(num_warps=4))
     shared[mode] = compiled.metadata.shared
@@ -152,7 +154,8 @@ print(json.dumps(shared))
 
 def test_kernel_compiles_for_sm90_in_every_mode():
     """The interpreter runs what a GPU compiler may refuse: Triton's own compiler and ptxas (no GPU needed) build the
-    bf16 kernel for sm_90 in its three modes."""
+    bf16 kernel for sm_90 in its three modes, and the fp32 one (3xTF32 products)."""
     from tests.triton_compile import shared_memory
     shared = shared_memory(_COMPILE_FOR_SM90)
-    assert set(shared) == {"fan-out", "fan-in", "squares"} and max(shared.values()) <= 163 * 1024, shared
+    assert set(shared) == {"fan-out", "fan-in", "squares", "fp32 fan-out"}, shared
+    assert max(shared.values()) <= 163 * 1024, shared

@@ -20,6 +20,7 @@ import torch.nn as nn
 from deepspeed.accelerator import get_accelerator
 
 from models import MRConv
+from models import kernels as K
 from models.mrconv import CONV_IMPLS
 from models.mrconvnext import STAGE_L0
 
@@ -44,18 +45,25 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--conv-impl", default="auto", choices=CONV_IMPLS,
                         help="MRConv conv_impl of the timed layer (the 'fused' and 'training' columns)")
     parser.add_argument("--amp", default="none", choices=("none", "bf16"), help="autocast every variant")
+    parser.add_argument("--fp32-precision", choices=("tf32x3", "ieee"),
+                        help="conv_impl=triton: how its kernels multiply fp32 inputs (the training form's; default "
+                             f"{K.TRITON_FP32_PRECISION}, models.kernels.TRITON_FP32_PRECISION)")
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave torch's default)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.fp32_precision:
+        K.TRITON_FP32_PRECISION = args.fp32_precision
     device = torch.device(args.device)
     mode = "forward + backward, train mode" if args.train else "forward, eval mode"
     precision = "bf16 autocast" if args.amp == "bf16" else "fp32"
     peak = peak_bandwidth_gbs(device)
     print(f"MRConv layer {mode}, batch {args.batch_size}, {args.kernel_type}, bidirectional, {precision}, "
-          f"conv_impl={args.conv_impl}, on {machine_description(device)}"
+          f"conv_impl={args.conv_impl}"
+          + (f" (fp32 products: {K.TRITON_FP32_PRECISION})" if args.conv_impl == "triton" else "")
+          + f", on {machine_description(device)}"
           + (f", peak memory bandwidth {peak:,.0f} GB/s" if peak else ""))
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp == "bf16")
     if args.train:
