@@ -14,6 +14,7 @@ Conventions (see ``docs`` in the README and MRCONV.md):
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -32,6 +33,12 @@ TRITON_MAX_LEN = 784
 # the FFT kernel's FMA path spills 304-1,004 bytes a thread, this one 56-144. Its speed against "ieee" awaits a GPU:
 # ``pipelines.benchmark layer --fp32-precision``. bf16/fp16 inputs are not affected.
 TRITON_FP32_PRECISION = "tf32x3"
+
+
+def triton_runs_on(device: torch.device) -> bool:
+    """Whether impl="triton" can launch its kernels on ``device``'s tensors: a CUDA (or ROCm) device, or any under
+    Triton's interpreter (``TRITON_INTERPRET=1``, which the tests set to run them on the CPU)."""
+    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def num_resolutions(seq_len: int, l0: int, max_resolutions: int | None = None) -> int:

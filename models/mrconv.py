@@ -48,7 +48,8 @@ class MRConv(nn.Module):
         seed: seed of the sparse tap positions (a buffer saved with the model, never resampled).
         conv_impl: ``auto`` (Toeplitz matmul up to ``TOEPLITZ_MAX_LEN`` of the device type, FFT above; in training
             ``TOEPLITZ_MAX_LEN_TRAIN``), ``fft``, ``toeplitz`` or ``triton`` (Triton Toeplitz tiles up to
-            ``kernels.TRITON_MAX_LEN``, the fused Triton FFT above; CUDA, or CPU under ``TRITON_INTERPRET=1``).
+            ``kernels.TRITON_MAX_LEN``, the fused Triton FFT above; on CUDA, or the CPU under
+            ``TRITON_INTERPRET=1``; elsewhere, as on a CPU copy of the model that fvcore counts, what ``auto`` picks).
         inference_mode: build the fused single-kernel form directly (to load a fused ``state_dict``).
         device, dtype: where and in which dtype the parameters are created (timm's factory keywords).
     """
@@ -195,8 +196,8 @@ class MRConv(nn.Module):
     # ------------------------------------------------------------------------------------------------- forward
     def _impl(self, length: int, device: torch.device, training: bool = False) -> str:
         """How to convolve a length-``length`` input: ``fft``, ``toeplitz`` or ``triton`` (``kernels.LongConv``)."""
-        if self.conv_impl in ("fft", "toeplitz", "triton"):  # LongConv picks the Triton kernel by length
-            return self.conv_impl
+        if self.conv_impl in ("fft", "toeplitz") or (self.conv_impl == "triton" and K.triton_runs_on(device)):
+            return self.conv_impl  # LongConv picks the Triton kernel by length
         table = TOEPLITZ_MAX_LEN_TRAIN if training else TOEPLITZ_MAX_LEN
         return "toeplitz" if length <= table.get(device.type, table["cpu"]) else "fft"
 

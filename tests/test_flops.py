@@ -6,6 +6,7 @@ import math
 
 import timm
 import pytest
+import torch
 
 import models  # noqa: F401
 from models import MRConv
@@ -53,3 +54,16 @@ def test_fused_model_counts_close_to_convnext():
     unfused, fused_r = count_flops(mr, (3, 64, 64)), count_flops(fused, (3, 64, 64))
     assert fused_r.macs < unfused.macs
     assert 0.5 * base.macs < fused_r.macs < 1.5 * base.macs  # the mixers are a small share of the MACs
+
+
+def test_a_triton_model_counts_on_the_cpu_as_auto(monkeypatch):
+    """fvcore counts a CPU copy of the model (``benchmark models`` does so for a model that runs on a GPU): outside
+    Triton's interpreter, which the tests set, conv_impl="triton" takes what ``auto`` takes there, and the count
+    equals the default model's, where the kernels cannot launch at all."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    layer = MRConv(4, 300, 5, conv_impl="triton")
+    assert layer._impl(300, torch.device("cpu")) == MRConv(4, 300, 5)._impl(300, torch.device("cpu"))
+    assert layer._impl(300, torch.device("cuda")) == "triton"
+    triton_model = timm.create_model("mrconvnext_atto", img_size=64, conv_impl="triton")
+    default = timm.create_model("mrconvnext_atto", img_size=64)
+    assert count_flops(triton_model, (3, 64, 64)).macs == count_flops(default, (3, 64, 64)).macs
