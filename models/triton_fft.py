@@ -15,8 +15,8 @@ Each program makes one output row: it reads its input row once in its own dtype 
 accumulation), a block of 16 spectrum rows (k1) at a time: the block of ``X_hat``, times the kernel spectrum
 (precomputed on the host in the same (k1, k2) layout, ``1/n`` included), then its share of the inverse four steps
 (the conjugate row DFT, conjugate twiddle, real part of ``conj(F_N1)[:, k1] @ C``) added to one real output tile.
-So no full complex (N1, N2) tile is ever live (compiled for sm_90 at n = 8192: 38-56 KB of shared memory; a first
-version holding whole tiles asked for 164-262 KB, past an H100's 227 KB with Triton's default pipelining). The
+So no full complex (N1, N2) tile is ever live (compiled for sm_90 at n = 8192: 40-77 KB of shared memory for
+L = 3136, 110 KB at most; a first version holding whole tiles asked for 164-262 KB, past an H100's 227 KB). The
 output is cropped to the ``L`` positions and stored once, in fp32. Linear, not circular: ``n`` is at least
 ``L + max(lf - 1, lb)`` (``kernels.fft_size``), so nothing wraps around.
 
@@ -51,8 +51,8 @@ MIN_FACTOR = 16  # tl.dot tiles are at least 16 wide
 # 6.3 M to 2.6 M real multiply-adds per row. Below 4096, N1 would fall under 16, the smallest tl.dot side.
 INNER, FACTORED_FROM = 16, 4096
 # n = 16384 (64 x 256) with all 64 rows holding input, compiled for sm_90: 172 KB of shared memory for an fp32
-# input (more than an A100 has) and 1-2.4 KB of register spills a thread; 8192 (32 x 256) covers L = 3136 with
-# full-length kernels in at most 110 KB.
+# input (more than an A100 has) and 1-2.4 KB of register spills a thread; 8192 (32 x 256), which covers L = 3136
+# with full-length kernels, takes at most 110 KB.
 MIN_SIZE, MAX_SIZE = 256, 8192
 
 
@@ -320,10 +320,10 @@ def _meta(n: int, rows: int, dtype: torch.dtype) -> dict:
     # fp32 inputs keep fp32's accuracy (1e-5 of the reference; kernels.TRITON_FP32_PRECISION); bf16/fp16 inputs
     # take single TF32 products.
     # Each program's work is a chain of dependent products: nothing for a software pipeline to overlap, and its
-    # buffers would cost shared memory. 8 warps: compiled for sm_90, the fp32 (FMA) path spills less than with 4
-    # (the dense n = 8192: 680 vs 840 bytes of stack per thread; none at n <= 2048), the TF32 path spills at neither.
-    return dict(N1=n1, N2=n2, M=inner_factor(n), ROWS=rows, RB=MIN_FACTOR,
-                PREC=K.TRITON_FP32_PRECISION if dtype in (torch.float32, torch.float64) else "tf32", num_warps=8, num_stages=1)
+    # buffers would cost shared memory. 8 warps: compiled for sm_90 at n = 8192 and L = 3136, 4 warps spill
+    # 330-700 bytes a thread from bf16 inputs and 1.5-1.9 KB from fp32 ones, 8 warps none and 56-144.
+    precision = K.TRITON_FP32_PRECISION if dtype in (torch.float32, torch.float64) else "tf32"
+    return dict(N1=n1, N2=n2, M=inner_factor(n), ROWS=rows, RB=MIN_FACTOR, PREC=precision, num_warps=8, num_stages=1)
 
 
 def _launch(x: torch.Tensor, spec: torch.Tensor, dft1: torch.Tensor, dft2: torch.Tensor, twiddle: torch.Tensor,
