@@ -62,7 +62,8 @@ def main(argv: list[str]) -> int:
     peak = peak_bandwidth_gbs(device)
     print(f"MRConv layer {mode}, batch {args.batch_size}, {args.kernel_type}, bidirectional, {precision}, "
           f"conv_impl={args.conv_impl}"
-          + (f" (fp32 products: {K.TRITON_FP32_PRECISION})" if args.conv_impl == "triton" else "")
+          + (f" (fp32 products: {K.TRITON_FP32_PRECISION})" if args.conv_impl == "triton" and K.triton_runs_on(device)
+             else " (the PyTorch path here)" if args.conv_impl == "triton" else "")
           + f", on {machine_description(device)}"
           + (f", peak memory bandwidth {peak:,.0f} GB/s" if peak else ""))
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp == "bf16")
