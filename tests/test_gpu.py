@@ -74,8 +74,8 @@ def test_bf16_autocast_trains_a_batchnorm_model_on_cuda():
 @pytest.mark.parametrize("length, l0", [(3136, 196), (784, 49), (196, 28), (49, 28)])
 def test_triton_training_form_equals_the_reference_at_stage_shapes(length, l0):
     """The Triton kernels compiled on the GPU, at the ConvNeXt-T stage lengths (the FFT kernel at 3136, Toeplitz
-    tiles below): output, every gradient and the running statistics against the old implementation (fp32, IEEE
-    products)."""
+    tiles below): output, every gradient and the running statistics against the old implementation (fp32 inputs,
+    the kernels' 3xTF32 products)."""
     from .mrconv_reference import reference_forward
 
     torch.manual_seed(0)
