@@ -23,3 +23,17 @@ def test_peak_bandwidth():
     published 3.35 TB/s; the CPU states none."""
     assert timing.memory_bandwidth_gbs(2_619_000, 5120) == pytest.approx(3352.3, abs=0.1)
     assert timing.peak_bandwidth_gbs(torch.device("cpu")) is None
+
+
+def test_fp32_precision_reaches_the_kernels(monkeypatch, capsys):
+    """``--fp32-precision`` sets the constant both Triton launchers read for fp32 inputs, here checked through the
+    FFT kernel's launch parameters (the GPU figures compare 3xTF32 with FMAs through it)."""
+    from models import kernels as K
+    from models import triton_fft
+
+    monkeypatch.setattr(K, "TRITON_FP32_PRECISION", K.TRITON_FP32_PRECISION)  # restored after the test
+    assert triton_fft._meta(8192, 16, torch.float32)["PREC"] == "tf32x3"
+    assert layer.main([*TINY, "--conv-impl", "fft", "--fp32-precision", "ieee"]) == 0
+    assert K.TRITON_FP32_PRECISION == "ieee"
+    assert triton_fft._meta(8192, 16, torch.float32)["PREC"] == "ieee"
+    assert triton_fft._meta(8192, 16, torch.bfloat16)["PREC"] == "tf32"
