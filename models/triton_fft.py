@@ -9,7 +9,8 @@ For an FFT size ``n = N1 * N2`` (powers of two, 256 to 8192) a row ``x`` of the 
 
 Below n = 4096, ``N2 <= N1`` and ``A @ F_N2`` is one dense product. From 4096 on, N2 = 256 and that row DFT is
 factored the same way again, as 16 x 16 (``_row_dft``), which cuts the work per row 2.4 times at n = 8192
-(``row_macs``) and leaves the spectrum's columns in the inner steps' order (``_to_monarch``).
+(``row_macs``) and leaves the spectrum's columns in the inner steps' order (``_to_monarch``); CUDA devices before
+sm_90 keep the dense product, which compiles better there (``factored_on``).
 
 Each program makes one output row: it reads its input row once in its own dtype and transforms it on chip (fp32
 accumulation), a block of 16 spectrum rows (k1) at a time: the block of ``X_hat``, times the kernel spectrum
@@ -48,7 +49,8 @@ from . import kernels as K
 MIN_FACTOR = 16  # tl.dot tiles are at least 16 wide
 # From n = 4096 the row DFT (N2 = 256 points) is factored again, as 16 x 16 (``_row_dft``): per point it then costs
 # 2 x 16 complex multiply-adds rather than N2 (64 for the dense 128 x 64 at n = 8192), and ``row_macs`` drops from
-# 6.3 M to 2.6 M real multiply-adds per row. Below 4096, N1 would fall under 16, the smallest tl.dot side.
+# 6.3 M to 2.6 M real multiply-adds per row. Below 4096, N1 would fall under 16, the smallest tl.dot side. Only
+# where it compiles well (``factored_on``).
 INNER, FACTORED_FROM = 16, 4096
 # n = 16384 (64 x 256) with all 64 rows holding input, compiled for sm_90: 172 KB of shared memory for an fp32
 # input (more than an A100 has) and 1-2.4 KB of register spills a thread; 8192 (32 x 256), which covers L = 3136
@@ -64,36 +66,45 @@ def monarch_size(length: int, len_fwd: int, len_bwd: int) -> int | None:
     return n if n <= MAX_SIZE else None
 
 
-def input_rows(n: int, length: int) -> int:
+def factored_on(device: torch.device) -> bool:
+    """Whether the kernel takes the factored row DFT for ``device``'s tensors: everywhere but CUDA devices before
+    sm_90. Compiled by Triton 3.8 at n = 8192 for sm_80 (an A100), the factored kernel gets 32 registers and a
+    9-16 KB stack a thread (its 3D reshapes go through local memory there), the dense one 255 registers and
+    1.8-2.4 KB; for sm_90 the factored one gets 252-255 registers and at most 72 bytes. ``get_device_properties``
+    is a constant to torch.compile."""
+    return device.type != "cuda" or torch.cuda.get_device_properties(device).major >= 9
+
+
+def input_rows(n: int, length: int, dense: bool = False) -> int:
     """ROWS: how many rows (t1) of a row's (N1, N2) grid the kernel reads and writes, the ``length`` positions
     rounded up to a power of two, at least 16 (a tl.dot side)."""
-    n1, n2 = factors(n)
+    n1, n2 = factors(n, dense)
     return min(n1, max(MIN_FACTOR, triton.next_power_of_2(triton.cdiv(length, n2))))
 
 
-def row_macs(n: int, length: int) -> int:
+def row_macs(n: int, length: int, dense: bool = False) -> int:
     """Real multiply-adds in the tensor-core products that make one fan-out output row (its input's transform, the
     inverse). Per block of RB spectrum rows: ``F_N1``'s share, ``2 RB ROWS N2`` each way; the row DFT, dense
     ``4 RB N2^2`` or factored ``2 x 4 RB N2 M`` each way. Over the N1 / RB blocks: ``n (4 ROWS + 8 N2)`` dense,
     ``n (4 ROWS + 16 M)`` factored."""
-    rows, m = input_rows(n, length), inner_factor(n)
-    return n * (4 * rows + (16 * m if m else 8 * factors(n)[1]))
+    rows, m = input_rows(n, length, dense), inner_factor(n, dense)
+    return n * (4 * rows + (16 * m if m else 8 * factors(n, dense)[1]))
 
 
-def factors(n: int) -> tuple[int, int]:
+def factors(n: int, dense: bool = False) -> tuple[int, int]:
     """``n = N1 * N2``. Below ``FACTORED_FROM``, ``N1 >= N2`` and the row DFT is one dense product: the N1 side is
     contracted once per direction on real data (the input's rows, the output's real part), the N2 side on complex
     data (four real products), so the larger factor belongs to N1. From ``FACTORED_FROM`` on, ``N2 = 256`` and its
-    DFT is itself factored as 16 x 16 (``inner_factor``)."""
-    if n >= FACTORED_FROM:
+    DFT is itself factored as 16 x 16 (``inner_factor``), unless ``dense`` (``factored_on``)."""
+    if inner_factor(n, dense):
         return n // INNER ** 2, INNER ** 2
     n2 = 1 << ((n.bit_length() - 1) // 2)
     return n // n2, n2
 
 
-def inner_factor(n: int) -> int:
-    """``M`` with ``N2 = M * M`` when the row DFT is factored (n from ``FACTORED_FROM``), else 0 (dense)."""
-    return INNER if n >= FACTORED_FROM else 0
+def inner_factor(n: int, dense: bool = False) -> int:
+    """``M`` with ``N2 = M * M`` when the row DFT is factored (n from ``FACTORED_FROM``, not ``dense``), else 0."""
+    return INNER if n >= FACTORED_FROM and not dense else 0
 
 
 def _unit(exponent: torch.Tensor, n: int, dtype: torch.dtype) -> torch.Tensor:
@@ -111,13 +122,15 @@ def dft_factors(n: int, device: torch.device | str, dtype: torch.dtype = torch.f
     shared, read-only, by every operator of that size; while torch.compile traces, made in the graph instead (Dynamo
     does not keep an ``lru_cache``)."""
     make = _dft_factors if torch.compiler.is_compiling() else _cached_dft_factors
-    return make(n, torch.device(device), dtype)
+    device = torch.device(device)
+    return make(n, device, dtype, not factored_on(device))
 
 
-def _dft_factors(n: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    n1, n2 = factors(n)
+def _dft_factors(n: int, device: torch.device, dtype: torch.dtype, dense: bool
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    n1, n2 = factors(n, dense)
     i1, i2 = (torch.arange(m, device=device, dtype=torch.float64) for m in (n1, n2))
-    m = inner_factor(n)
+    m = inner_factor(n, dense)
     if m:
         i3 = torch.arange(m, device=device, dtype=torch.float64)
         row = torch.stack([_unit(torch.outer(i3, i3), m, dtype), _unit(torch.outer(i3, i3), n2, dtype)])
@@ -133,9 +146,10 @@ def _to_monarch(full: torch.Tensor, n: int) -> torch.Tensor:
     """A full spectrum (..., n), complex, -> (..., 2, N1, N2) real planes with ``[k1, k2] = full[k1 + N1 * k2]``;
     with a factored row DFT (M > 0) column ``k2 = M * a + b`` holds ``full[k1 + N1 * (a + M * b)]`` instead (the
     order in which the inner 16 x 16 steps leave the row's spectrum)."""
-    n1, n2 = factors(n)
+    dense = not factored_on(full.device)
+    n1, n2 = factors(n, dense)
     grid = full.reshape(*full.shape[:-1], n2, n1).transpose(-1, -2)
-    m = inner_factor(n)
+    m = inner_factor(n, dense)
     if m:
         grid = grid.reshape(*grid.shape[:-1], m, m).transpose(-1, -2).reshape(grid.shape)
     return torch.stack([grid.real, grid.imag], dim=-3)
@@ -313,17 +327,18 @@ def _fft_conv_kernel(x_ptr, spec_ptr, f1_ptr, f2_ptr, tw_ptr, y_ptr, c_ptr, B, D
         tl.store(y_row + pos, out, mask=pos < L)
 
 
-def _meta(n: int, rows: int, dtype: torch.dtype) -> dict:
-    """The kernel's compile-time parameters and launch options for FFT size ``n``, ``rows`` rows of input (t1) and
-    an input of ``dtype``."""
-    n1, n2 = factors(n)
+def _meta(n: int, rows: int, dtype: torch.dtype, dense: bool = False) -> dict:
+    """The kernel's compile-time parameters and launch options for FFT size ``n``, ``rows`` rows of input (t1), an
+    input of ``dtype``, and a row DFT factored or ``dense``."""
+    n1, n2 = factors(n, dense)
     # fp32 inputs keep fp32's accuracy (1e-5 of the reference; kernels.TRITON_FP32_PRECISION); bf16/fp16 inputs
     # take single TF32 products.
     # Each program's work is a chain of dependent products: nothing for a software pipeline to overlap, and its
     # buffers would cost shared memory. 8 warps: compiled for sm_90 at n = 8192 and L = 3136, 4 warps spill
     # 330-700 bytes a thread from bf16 inputs and 1.5-1.9 KB from fp32 ones, 8 warps none and 56-144.
     precision = K.TRITON_FP32_PRECISION if dtype in (torch.float32, torch.float64) else "tf32"
-    return dict(N1=n1, N2=n2, M=inner_factor(n), ROWS=rows, RB=MIN_FACTOR, PREC=precision, num_warps=8, num_stages=1)
+    return dict(N1=n1, N2=n2, M=inner_factor(n, dense), ROWS=rows, RB=MIN_FACTOR, PREC=precision, num_warps=8,
+                num_stages=1)
 
 
 def _launch(x: torch.Tensor, spec: torch.Tensor, dft1: torch.Tensor, dft2: torch.Tensor, twiddle: torch.Tensor,
@@ -331,11 +346,11 @@ def _launch(x: torch.Tensor, spec: torch.Tensor, dft1: torch.Tensor, dft2: torch
     """Fan-out (B, K, D, L), fan-in (B, 1, D, L), or with ``center`` (K, D) fp32 the fan-out's square sums (B, K, D)."""
     batch, _, dim, length = x.shape
     nk, n1, n2 = spec.shape[0], spec.shape[-2], spec.shape[-1]
-    squares = center is not None
+    squares, dense = center is not None, not factored_on(x.device)
     y = x.new_empty(batch, 1 if sum_k else nk, dim, *(() if squares else (length,)), dtype=torch.float32)
     _fft_conv_kernel[(batch * dim * (1 if sum_k else nk),)](
         x, spec, dft1, dft2, twiddle, y, center if squares else y, batch, dim, length, nk, SUM_K=sum_k,
-        SQUARES=squares, **_meta(n1 * n2, input_rows(n1 * n2, length), x.dtype))
+        SQUARES=squares, **_meta(n1 * n2, input_rows(n1 * n2, length, dense), x.dtype, dense))
     return y
 
 

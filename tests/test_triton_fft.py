@@ -45,11 +45,14 @@ def test_sizes_and_factors():
     assert {n: triton_fft.factors(n) for n in (256, 512, 1024, 2048, 4096, 8192)} == {
         256: (16, 16), 512: (32, 16), 1024: (32, 32), 2048: (64, 32), 4096: (16, 256), 8192: (32, 256)}
     assert [triton_fft.inner_factor(n) for n in (2048, 4096, 8192)] == [0, 16, 16]
+    assert triton_fft.factors(8192, dense=True) == (128, 64) and triton_fft.inner_factor(8192, dense=True) == 0
+    assert triton_fft.factored_on(torch.device("cpu"))
     # the L = 3136 stage: 16 rows of 256 hold its input; the dense 128 x 64 held it in 64 rows of 64 and made
     # n (4 x 64 + 8 x 64) = 6.3 M
     assert triton_fft.input_rows(8192, 3136) == 16
     assert triton_fft.row_macs(8192, 3136) == 8192 * (4 * 16 + 16 * 16) == 2_621_440
     assert triton_fft.row_macs(2048, 784) == 2048 * (4 * 32 + 8 * 32)  # dense 64 x 32, 25 of 64 rows -> 32
+    assert triton_fft.row_macs(8192, 3136, dense=True) == 8192 * (4 * 64 + 8 * 64)  # 49 of 128 rows of 64 -> 64
 
 
 def row_dft(a: torch.Tensor, row: torch.Tensor, n: int, conj: bool = False) -> torch.Tensor:
@@ -155,10 +158,13 @@ def test_half_precision_input_is_read_as_given(dtype, fft_everywhere):
         assert relative_error(y, torch.stack([naive_conv(rounded, fwd[i], bwd[i]) for i in range(2)], 1)) <= 1e-5
 
 
-@pytest.mark.parametrize("length, n", [(2100, 8192), (1500, 4096)])
-def test_factored_sizes_equal_torch_fft(length, n):
+@pytest.mark.parametrize("length, n, dense", [(2100, 8192, False), (1500, 4096, False), (2100, 8192, True)])
+def test_factored_sizes_equal_torch_fft(length, n, dense, monkeypatch):
     """The sizes whose row DFT is factored again: n = 8192 (the L = 3136 stage's size: N1 = 32, N2 = 256 = 16 x 16,
-    two row blocks) and 4096 (N1 = 16, one block), against torch.fft in float64: conv, adjoint and square sums."""
+    two row blocks) and 4096 (N1 = 16, one block), against torch.fft in float64: conv, adjoint and square sums; and
+    n = 8192 with the dense row DFT (128 x 64) that CUDA devices before sm_90 take (``factored_on``)."""
+    if dense:
+        monkeypatch.setattr(triton_fft, "factored_on", lambda device: False)
     torch.manual_seed(length)
     dim = 2
     u = torch.randn(2, dim, length, dtype=torch.float64)
@@ -166,6 +172,7 @@ def test_factored_sizes_equal_torch_fft(length, n):
     ref_op = K.LongConv(fwd, bwd, length, "fft")
     op = K.LongConv(fwd.float().to(DEVICE), bwd.float().to(DEVICE), length, "triton")
     assert op.impl == "triton_fft" and op.n == n
+    assert op.operator.shape[-2:] == triton_fft.factors(n, dense) == ((128, 64) if dense else (n // 256, 256))
     ref = ref_op.conv(ref_op.prepare(u))
     assert relative_error(op.conv(u.float().to(DEVICE)), ref) <= 1e-5
     grad = torch.randn(2, 2, dim, length, dtype=torch.float64)
@@ -277,35 +284,47 @@ def test_compile_fullgraph_traces_the_fft_custom_ops(fft_everywhere, launches):
     assert launches["conv"] > 0
 
 
-_COMPILE_FOR_SM90 = r"""
-import json, torch, triton
+_COMPILE_FOR_GPUS = r"""
+import json, os, subprocess, tempfile, torch, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler.compiler import ASTSource
 from models import triton_fft as T
 kernel = T._fft_conv_kernel
-shared = {}
-for n, dtype, sum_k, squares in ((T.MAX_SIZE, "fp32", False, False), (T.MAX_SIZE, "bf16", True, False),
-                                 (T.MAX_SIZE, "bf16", False, True), (2048, "fp32", True, False),
-                                 (2048, "bf16", False, False)):
-    consts = T._meta(n, T.factors(n)[0], getattr(torch, {"fp32": "float32", "bf16": "bfloat16"}[dtype]))
+cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+found = {}
+for arch, n, dtype, mode in ((90, T.MAX_SIZE, "fp32", "fan-out"), (90, T.MAX_SIZE, "bf16", "fan-in"),
+                             (90, T.MAX_SIZE, "bf16", "squares"), (90, 2048, "fp32", "fan-in"),
+                             (90, 2048, "bf16", "fan-out"), (80, T.MAX_SIZE, "bf16", "fan-out"),
+                             (80, T.MAX_SIZE, "fp32", "fan-in")):
+    dense = arch < 90  # what factored_on gives a CUDA device of that generation
+    consts = T._meta(n, T.factors(n, dense)[0], getattr(torch, {"fp32": "float32", "bf16": "bfloat16"}[dtype]), dense)
     options = {key: consts.pop(key) for key in ("num_warps", "num_stages")}
-    consts["SUM_K"], consts["SQUARES"] = sum_k, squares
+    consts["SUM_K"], consts["SQUARES"] = mode == "fan-in", mode == "squares"
     sig = {name: "constexpr" if name in consts else "i32" if name in ("B", "D", "L", "NK") else
            f"*{dtype}" if name == "x_ptr" else "*fp32" for name in kernel.arg_names}
-    compiled = triton.compile(ASTSource(kernel, sig, consts), target=GPUTarget("cuda", 90, 32), options=options)
-    shared[f"{n} {dtype} {'fan-in' if sum_k else 'squares' if squares else 'fan-out'}"] = compiled.metadata.shared
-print(json.dumps(shared))
+    compiled = triton.compile(ASTSource(kernel, sig, consts), target=GPUTarget("cuda", arch, 32), options=options)
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+        cubin.write(compiled.asm["cubin"])
+        cubin.flush()
+        usage = subprocess.run([cuobjdump, "-res-usage", cubin.name], capture_output=True, text=True).stdout
+    stack = int(usage.split("STACK:")[1].split()[0])
+    found[f"sm_{arch} {n} {dtype} {mode}"] = [compiled.metadata.shared, stack]
+print(json.dumps(found))
 """
 
 
-def test_kernel_compiles_for_sm90_within_an_a100s_shared_memory():
+def test_kernel_compiles_for_h100_and_a100_within_their_resources():
     """The interpreter runs what a GPU compiler may refuse (tile shapes, types, resources, and code in a
-    compile-time branch not taken). Compiled here for sm_90 by Triton's own compiler and ptxas, no GPU needed, with
-    every row holding input, at the largest size (factored row DFT: fp32 fan-out, bf16 fan-in, bf16 square sums)
-    and at 2048 (dense): each asks for at most an A100's 163 KB of shared memory per block (an H100 has 227 KB)."""
+    compile-time branch not taken). Compiled here by Triton's own compiler and ptxas, no GPU needed, with every row
+    holding input: for sm_90 at the largest size (factored row DFT: fp32 fan-out, bf16 fan-in, bf16 square sums)
+    and at 2048 (dense); for sm_80 (an A100) at the largest size with the dense row DFT ``factored_on`` gives it.
+    Each asks for at most an A100's 163 KB of shared memory per block, and a stack (spilled registers) of at most
+    4 KB a thread: the factored kernel compiled for sm_80 needed 9-11 KB at 32 registers."""
     from tests.triton_compile import shared_memory
-    shared = shared_memory(_COMPILE_FOR_SM90)
+    found = shared_memory(_COMPILE_FOR_GPUS)
     largest = triton_fft.MAX_SIZE
-    assert set(shared) == {f"{largest} fp32 fan-out", f"{largest} bf16 fan-in", f"{largest} bf16 squares",
-                           "2048 fp32 fan-in", "2048 bf16 fan-out"}, shared
-    assert max(shared.values()) <= 163 * 1024, shared
+    assert set(found) == {f"sm_90 {largest} fp32 fan-out", f"sm_90 {largest} bf16 fan-in",
+                          f"sm_90 {largest} bf16 squares", "sm_90 2048 fp32 fan-in", "sm_90 2048 bf16 fan-out",
+                          f"sm_80 {largest} bf16 fan-out", f"sm_80 {largest} fp32 fan-in"}, found
+    assert max(shared for shared, _ in found.values()) <= 163 * 1024, found
+    assert max(stack for _, stack in found.values()) <= 4096, found

@@ -117,7 +117,8 @@ def main(argv: list[str]) -> int:
         tflops = f"{'-':>11}"
         if op.impl == "triton_fft":
             from models import triton_fft
-            tflops = f"{2 * triton_fft.row_macs(op.n, length) * args.batch_size * dim / t['fused'] / 1e12:>11.1f}"
+            macs = triton_fft.row_macs(op.n, length, dense=not triton_fft.factored_on(device))
+            tflops = f"{2 * macs * args.batch_size * dim / t['fused'] / 1e12:>11.1f}"
         print(f"{length:>5} {dim:>4} {layer.num_branches:>2} | {ms['fused']:>8.2f}ms {ms['fft']:>8.2f}ms "
               f"{ms['toeplitz']:>8.2f}ms {ms['dw']:>8.2f}ms | {ratio:>10.2f}x {gbps:>10.1f} {of_peak} {tflops}")
     what = "training form" if args.train else "fused layer"
