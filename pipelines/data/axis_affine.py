@@ -107,8 +107,14 @@ def axis_affine(img: Image.Image, data: Sequence[float], resample: int, fillcolo
         fill = _fill_pixel(img.mode, fillcolor)
         for plane, colour in zip(out, fill):
             plane[outside] = colour
-    bands = [Image.frombuffer("L", (width, height), plane, "raw", "L", 0, 1) for plane in out]
-    return bands[0] if channels == 1 else Image.merge(img.mode, bands)
+    return image_from_planes(out, img.mode)
+
+
+def image_from_planes(planes: np.ndarray, mode: str) -> Image.Image:
+    """A C-contiguous uint8 (C, H, W) array as a Pillow image of ``mode``: Pillow interleaves the planes faster than a
+    transpose does."""
+    bands = [Image.frombuffer("L", (planes.shape[2], planes.shape[1]), plane, "raw", "L", 0, 1) for plane in planes]
+    return bands[0] if len(bands) == 1 else Image.merge(mode, bands)
 
 
 def pillow_linear(taps: Sequence[np.ndarray], d: np.ndarray, out: np.ndarray) -> np.ndarray:

@@ -60,7 +60,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms.functional import resized_crop
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 
-from pipelines.data.axis_affine import vectorized_shifts
+from pipelines.data.axis_affine import image_from_planes, vectorized_shifts
 
 DCT_SCALES = (8, 4, 2, 1)  # the reductions Pillow's draft asks libjpeg for
 _TORCH_RESIZE = {InterpolationMode.BILINEAR: "bilinear", InterpolationMode.BICUBIC: "bicubic"}
@@ -181,10 +181,8 @@ def _pixels(img: Image.Image) -> torch.Tensor:
 
 
 def to_pil(pixels: torch.Tensor, mode: str) -> Image.Image:
-    """A uint8 (C, H, W) tensor as a Pillow image: Pillow interleaves the planes faster than a torch transpose."""
-    planes = [Image.frombuffer("L", (pixels.shape[2], pixels.shape[1]), plane.contiguous().numpy(), "raw", "L", 0, 1)
-              for plane in pixels]
-    return planes[0] if mode == "L" else Image.merge(mode, planes)
+    """A uint8 (C, H, W) tensor as a Pillow image (``axis_affine.image_from_planes``)."""
+    return image_from_planes(pixels.contiguous().numpy(), mode)
 
 
 def resize_box(pixels: torch.Tensor, mode: str, box: tuple[int, int, int, int], size: tuple[int, int],
