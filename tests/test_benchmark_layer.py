@@ -16,6 +16,33 @@ def test_layer_benchmark_prints_every_stage_and_a_summary(mode, capsys):
     rows = [line for line in out if line.split("|")[0].split()[:1] in (["3136"], ["784"], ["196"], ["49"])]
     assert len(rows) == 4
     assert out[-1].startswith("summary:") and out[-1].count("x") >= 4
+    if "--train" in mode:  # the peak memory of a step, from the tensors on the CPU (timing.LiveBytes)
+        for row in rows:
+            train_mib, dw_mib = map(float, row.split("|")[-1].split())
+            assert train_mib > dw_mib > 0  # N branches' transients against one conv's
+
+
+def test_live_bytes_count_the_tensors_made_and_their_peak():
+    before = torch.ones(1000)  # made outside: not counted
+    with timing.LiveBytes() as live:
+        a = torch.empty(1000)  # 4,000 bytes
+        b = a * 2  # 8,000 live
+        a.mul_(3)  # in place: nothing new
+        view = b[10:].view(-1, 10)  # a view: nothing new
+        del b  # the view keeps its storage
+        c = before + 1  # 12,000: the peak
+        assert live.live == 12_000
+        del a, c, view
+        d = torch.empty(500, dtype=torch.float64)  # 4,000
+    assert (live.live, live.peak) == (4_000, 12_000)
+    del d
+
+
+def test_lengths_pick_the_stages(capsys):
+    assert layer.main([*TINY, "--train", "--conv-impl", "toeplitz", "--lengths", "49"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in out[3:-1]] == ["49"] and out[-1].startswith("summary: training form / 7x7 "
+                                                                                     "depthwise conv at L = 49: ")
 
 
 def test_peak_bandwidth():

@@ -12,7 +12,7 @@ from tests.conftest import BENCH_TINY
 
 TIMM_BENCH_COLUMNS = ["model", "infer_img_size", "infer_samples_per_sec", "infer_step_time", "infer_batch_size",
                       "param_count", "infer_gmacs", "infer_macts"]
-PEAK_MEM = ["infer_peak_mem_gib"]  # after timm's columns; CUDA only (empty here)
+PEAK_MEM = ["infer_peak_mem_gib"]  # after timm's columns
 
 
 def read(path) -> tuple[list[str], list[dict]]:
@@ -34,7 +34,8 @@ def test_cli_writes_timm_columns_with_both_forms_side_by_side(tmp_path, capsys):
     for r in rows:
         assert float(r["infer_samples_per_sec"]) > 0 and float(r["train_samples_per_sec"]) > 0
         assert r["infer_img_size"] == "32" and r["infer_batch_size"] == "2"
-        assert r["infer_peak_mem_gib"] == r["train_peak_mem_gib"] == ""  # no allocator statistics on the CPU
+        # the CPU's figures count tensors (timing.LiveBytes): at least the weights, more when training
+        assert 0 < float(r["infer_peak_mem_gib"]) < float(r["train_peak_mem_gib"])
     fused, unfused = rows[0], rows[1]
     assert float(fused["param_count"]) < float(unfused["param_count"])
     assert fused["infer_gmacs"] != "" and fused["train_step_time"] == unfused["train_step_time"]  # same train form

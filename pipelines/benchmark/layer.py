@@ -8,7 +8,9 @@ variants interleaved in one run:
   device's peak, on a GPU) and, where the fused layer runs the Triton FFT kernel, the tensor-core TFLOP/s of its
   DFT products (``triton_fft.row_macs``);
 * training (``--train``: forward + backward in train mode): the training form (N branches, per-branch BatchNorm with
-  batch statistics), the fused single kernel being trained, and the 7x7 depthwise conv.
+  batch statistics), the fused single kernel being trained, and the 7x7 depthwise conv, with the peak memory a step
+  of the training form and of the depthwise conv allocates beyond its input, parameters and gradient (the
+  allocator's on a GPU, the tensors' on the CPU: ``timing.peak_memory_gib``).
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ from models import kernels as K
 from models.mrconv import CONV_IMPLS
 from models.mrconvnext import STAGE_L0
 
-from .timing import interleaved, machine_description, peak_bandwidth_gbs
+from .timing import interleaved, machine_description, peak_bandwidth_gbs, peak_memory_gib
 
 STAGES = [(96, 56), (192, 28), (384, 14), (768, 7)]  # ConvNeXt-T channels and feature map side at 224
 
@@ -48,6 +50,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--fp32-precision", choices=("tf32x3", "ieee"),
                         help="conv_impl=triton: how its kernels multiply fp32 inputs (the training form's; default "
                              f"{K.TRITON_FP32_PRECISION}, models.kernels.TRITON_FP32_PRECISION)")
+    parser.add_argument("--lengths", type=int, nargs="+", choices=[side * side for _, side in STAGES],
+                        help="only these stages (default: all four)")
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave torch's default)")
@@ -69,7 +73,7 @@ def main(argv: list[str]) -> int:
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp == "bf16")
     if args.train:
         header = (f"{'L':>5} {'C':>4} {'N':>2} | {'training':>10} {'fused':>10} {'dw7x7':>10} | "
-                  f"{'training/dw7x7':>14} {'training/fused':>14}")
+                  f"{'training/dw7x7':>14} {'training/fused':>14} | {'train MiB':>9} {'dw7x7 MiB':>9}")
     else:
         header = (f"{'L':>5} {'C':>4} {'N':>2} | {'fused':>10} {'fused fft':>10} {'fused toep':>10} {'dw7x7':>10} | "
                   f"{'fused/dw7x7':>11} {'fused GB/s':>10} {'of peak':>7} {'FFT TFLOP/s':>11}")
@@ -77,6 +81,8 @@ def main(argv: list[str]) -> int:
     ratios = []
     for (dim, side), l0 in zip(STAGES, STAGE_L0):
         length = side * side
+        if args.lengths and length not in args.lengths:
+            continue
         torch.manual_seed(0)
         layer = MRConv(dim, length, l0, kernel_type=args.kernel_type, conv_impl=args.conv_impl).to(device)
         dw = nn.Conv2d(dim, dim, 7, padding=3, groups=dim).to(device)
@@ -92,11 +98,14 @@ def main(argv: list[str]) -> int:
                    "dw": _train_step(dw.train(), x2d, grad.view_as(x2d))}
             with autocast:
                 t = interleaved(fns, device=device, iters=args.iters, rounds=args.rounds)
+                mib = {k: peak_memory_gib(fns[k], device, 0) for k in ("training", "dw")}
+            mib = {k: f"{'-':>9}" if v is None else f"{v * 1024:>9.1f}" for k, v in mib.items()}
             ms = {k: v * 1e3 for k, v in t.items()}
             ratio = t["training"] / t["dw"]
             ratios.append(ratio)
             print(f"{length:>5} {dim:>4} {layer.num_branches:>2} | {ms['training']:>8.2f}ms {ms['fused']:>8.2f}ms "
-                  f"{ms['dw']:>8.2f}ms | {ratio:>13.2f}x {t['training'] / t['fused']:>13.2f}x")
+                  f"{ms['dw']:>8.2f}ms | {ratio:>13.2f}x {t['training'] / t['fused']:>13.2f}x | "
+                  f"{mib['training']} {mib['dw']}")
             continue
         fused = {}
         for impl in (args.conv_impl, "fft", "toeplitz"):
@@ -122,6 +131,7 @@ def main(argv: list[str]) -> int:
         print(f"{length:>5} {dim:>4} {layer.num_branches:>2} | {ms['fused']:>8.2f}ms {ms['fft']:>8.2f}ms "
               f"{ms['toeplitz']:>8.2f}ms {ms['dw']:>8.2f}ms | {ratio:>10.2f}x {gbps:>10.1f} {of_peak} {tflops}")
     what = "training form" if args.train else "fused layer"
-    print(f"summary: {what} / 7x7 depthwise conv at L = 3136, 784, 196, 49: "
+    lengths = [side * side for _, side in STAGES if not args.lengths or side * side in args.lengths]
+    print(f"summary: {what} / 7x7 depthwise conv at L = {', '.join(map(str, lengths))}: "
           + ", ".join(f"{r:.2f}x" for r in ratios))
     return 0

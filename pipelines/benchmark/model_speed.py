@@ -11,7 +11,8 @@ benchmarks reparameterizable models fused (timm's convention); ``NAME@fused`` / 
 of one entry, so both forms of a model can run side by side. ``--model-kwargs NAME:KEY=VALUE`` (value parsed
 as YAML) goes to model NAME only; a plain ``KEY=VALUE`` goes to every MRConv model of this repository (never to
 a timm peer such as ConvNeXt, which would refuse MRConv's arguments). The CSV has timm's benchmark columns plus
-the peak memory of an inference and a training step on CUDA (empty elsewhere); the side file ``OUT.csv.json``
+the peak memory of an inference and a training step (the allocator's on a GPU, the tensors' on the CPU:
+``timing.LiveBytes``); the side file ``OUT.csv.json``
 holds the FFT counting convention of ``infer_gmacs``, the machine, the device, each model's kwargs and the
 settings.
 """
@@ -137,7 +138,7 @@ class Entry:
     macts: float | None = None
     infer_s: float | None = None
     train_s: float | None = None
-    infer_mem: float | None = None  # GiB, CUDA only
+    infer_mem: float | None = None  # GiB (timing.peak_memory_gib)
     train_mem: float | None = None
 
     @property
@@ -259,7 +260,7 @@ def table(entries: list[Entry], args: argparse.Namespace) -> str:
     first = entries[0]
     cols = f"{'model':<28} {'form':<7} {'params(M)':>9} {'GMACs':>7} {'infer/s':>9} {'ms/step':>9} {'vs first':>8}"
     if args.train:
-        cols += f" {'train/s':>9} {'ms/step':>9} {'vs first':>8}"
+        cols += f" {'train/s':>9} {'ms/step':>9} {'vs first':>8} {'peak GiB':>8} {'vs first':>8}"
     lines = [cols, "-" * len(cols)]
     for e in entries:
         gmacs = "-" if e.gmacs is None else f"{e.gmacs:.3f}"
@@ -268,6 +269,8 @@ def table(entries: list[Entry], args: argparse.Namespace) -> str:
         if args.train:
             line += (f" {args.batch_size / e.train_s:>9.1f} {1000 * e.train_s:>9.1f} "
                      f"{first.train_s / e.train_s:>7.2f}x")
+            if e.train_mem is not None and first.train_mem:
+                line += f" {e.train_mem:>8.3f} {e.train_mem / first.train_mem:>7.2f}x"
         lines.append(line)
     return "\n".join(lines)
 
@@ -365,9 +368,10 @@ def main(argv: list[str]) -> int:
                             "infer_macts": "fvcore activations per sample, millions",
                             "infer_step_time": "ms per batch", "train_step_time": "ms per batch",
                             "infer_peak_mem_gib": "GiB: the model's weights and buffers plus the peak one "
-                                                  "inference step allocates (CUDA; empty elsewhere)",
+                                                  "inference step allocates (the allocator's peak on a GPU, "
+                                                  "the tensors' on the CPU)",
                             "train_peak_mem_gib": "GiB: weights, buffers, gradients and optimizer state plus the "
-                                                  "peak one training step allocates (CUDA; empty elsewhere)"}}
+                                                  "peak one training step allocates (as above)"}}
         tables.write_rows(args.csv, columns, csv_rows(entries, args), side=meta)
         print(f"wrote {args.csv} and {args.csv}{tables.SIDE_SUFFIX}")
     print(summary(entries))

@@ -5,10 +5,13 @@ from __future__ import annotations
 import platform
 import statistics
 import time
+import weakref
 from collections.abc import Callable
 
 import torch
 from deepspeed.accelerator import get_accelerator
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 
 def accelerated(device: torch.device) -> bool:
@@ -40,10 +43,46 @@ def interleaved(fns: dict[str, Callable[[], object]], *, device: torch.device, w
     return {name: statistics.median(s) for name, s in samples.items()}
 
 
+class LiveBytes(TorchDispatchMode):
+    """Counts the bytes of CPU tensor storage made while the mode is active and still alive (``live``), and their
+    peak (``peak``): the CPU's stand-in for an accelerator's allocator statistics, exact to the byte for tensors.
+    Storage that existed before (weights, inputs) is not counted, views and in-place results count once, and
+    memory a library takes without a tensor (oneDNN's scratch pads) is not seen. Every op goes through Python
+    while it is active: measure in a call of its own, never a timed one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live = self.peak = 0
+        self._sizes: dict[int, int] = {}
+
+    def _freed(self, key: int) -> None:
+        self.live -= self._sizes.pop(key, 0)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if not isinstance(t, torch.Tensor) or t.device.type != "cpu":
+                continue
+            storage = t.untyped_storage()
+            key, size = storage.data_ptr(), storage.nbytes()
+            if size == 0 or key in self._sizes:
+                continue
+            self._sizes[key] = size
+            self.live += size
+            self.peak = max(self.peak, self.live)
+            weakref.finalize(storage, self._freed, key)
+        return out
+
+
 def peak_memory_gib(fn: Callable[[], object], device: torch.device, resident_bytes: int) -> float | None:
-    """GiB a call of ``fn`` needs on an accelerator: ``resident_bytes`` (its model's own tensors) plus the peak it
-    allocates above what was allocated before it, so models resident side by side do not count each other.
-    None on other devices (no allocator statistics)."""
+    """GiB a call of ``fn`` needs: ``resident_bytes`` (its model's own tensors) plus the peak it allocates above what
+    was allocated before it, so models resident side by side do not count each other. From the allocator's
+    statistics on an accelerator, from the tensors ``fn`` makes on the CPU (``LiveBytes``, in an extra call); None
+    on other devices."""
+    if device.type == "cpu":
+        with LiveBytes() as live:
+            fn()
+        return (resident_bytes + live.peak) / 2**30
     if not accelerated(device):
         return None
     accelerator = get_accelerator()
