@@ -34,12 +34,23 @@ def channel_slices(dim: int, per_channel_bytes: int, budget: int) -> list[slice]
 
 
 def _slice_bytes(batch: int, branches: int, length: int, impl: str) -> int:
-    """Bytes of transient fp32 work per channel: branch outputs, their gradient and, for FFTs (torch's, or the
-    Triton FFT above ``TRITON_MAX_LEN``, whose kernel gradient is torch's), the spectra; else the (L, L) products."""
+    """Bytes of transient work per channel, as measured (``pipelines.benchmark layer --train`` prints a step's peak;
+    ``tests/test_mrconv.py`` holds each path to this). FFTs (torch's, or the Triton FFT above ``TRITON_MAX_LEN``,
+    whose kernel gradient is torch's): two (B, N, n) spectra at a time (three for an odd batch, whose real inverse
+    FFT copies its input on the CPU), the input's and the gradient's spectra, the kernels'. Otherwise the (L, L)
+    matrices: the branches' and the merged kernel's Toeplitz operators (``toeplitz`` only) and the batch-summed
+    products whose anti-diagonals give the kernel gradients (``kernels.lag_correlation``) with their padded row
+    blocks, and a few (B, N, L) outputs."""
     if impl == "fft" or (impl == "triton" and length > K.TRITON_MAX_LEN):
         n = K.fft_size(length, length, length)
-        return 4 * branches * batch * (3 * n + length)
-    return 4 * branches * (3 * batch * length + length * length)
+        if impl == "triton":
+            from . import triton_fft
+            n = triton_fft.monarch_size(length, length, length) or n
+        spectra = 2 if K.packs_pairs(batch) else 3
+        return 4 * (batch * (branches * (spectra * n + length) + 4 * n) + (2 * branches + 2) * n)
+    rows = min(K.ANTIDIAGONAL_ROWS, length)
+    matrices = (2 * branches + 2 if impl == "toeplitz" else branches + 2) * length * length
+    return 4 * (matrices + 6 * batch * branches * length + branches * rows * (length + rows))
 
 
 def _merged(fwd: torch.Tensor, bwd: torch.Tensor | None, weights: torch.Tensor, length: int, impl: str

@@ -33,6 +33,9 @@ TRITON_MAX_LEN = 784
 # the FFT kernel's FMA path spills 304-1,004 bytes a thread, this one 56-144. Its speed against "ieee" awaits a GPU:
 # ``pipelines.benchmark layer --fp32-precision``. bf16/fp16 inputs are not affected.
 TRITON_FP32_PRECISION = "tf32x3"
+# Rows of the (L, L) kernel-gradient products skewed at a time by ``antidiagonal_sums``: its padded copy is then
+# ``64 * (L + 64)`` per matrix (at L = 196, 0.42 of a matrix; the whole-matrix skew took two).
+ANTIDIAGONAL_ROWS = 64
 
 
 def triton_runs_on(device: torch.device) -> bool:
@@ -136,16 +139,34 @@ def toeplitz(fwd: torch.Tensor, bwd: torch.Tensor | None, seq_len: int) -> torch
     return lags.unfold(-1, length, 1).flip(-1)
 
 
-def diagonal_sums(matrices: torch.Tensor) -> torch.Tensor:
-    """``out[..., L-1 + t - s] = sum Q[..., t, s]``: the sums along the diagonals of (..., L, L) -> (..., 2L-1).
+def antidiagonal_sums(matrices: torch.Tensor, row_block: int | None = None) -> torch.Tensor:
+    """``out[..., t + c] = sum Q[..., t, c]``: the sums along the anti-diagonals of (..., L, L) -> (..., 2L-1).
 
-    The adjoint of ``toeplitz``'s lag layout. Computed by skewing the rows (pad, flatten, re-view) so every diagonal
-    becomes a column; no index scatter."""
+    Computed by skewing the rows (pad, flatten, re-view) so every anti-diagonal becomes a column; no index scatter.
+    The rows go ``row_block`` (default ``ANTIDIAGONAL_ROWS``) at a time, so the padded copy is
+    ``row_block * (L + row_block)`` per matrix, not ``2 L^2``."""
+    row_block = row_block or ANTIDIAGONAL_ROWS
     length = matrices.shape[-1]
     lead = matrices.shape[:-2]
-    flipped = F.pad(matrices.flip(-1), (0, length))  # row t, column L-1-s, then L zeros
-    skewed = flipped.reshape(*lead, 2 * length * length)[..., : length * (2 * length - 1)]
-    return skewed.reshape(*lead, length, 2 * length - 1).sum(dim=-2)
+    out = matrices.new_zeros(*lead, 2 * length - 1)
+    for start in range(0, matrices.shape[-2], row_block):
+        block = matrices[..., start: start + row_block, :]
+        rows = block.shape[-2]
+        width = length + rows - 1  # the block's anti-diagonals
+        padded = F.pad(block, (0, rows))  # row i, then zeros: reading rows of ``width`` shifts row i by i
+        skewed = padded.reshape(*lead, rows * (length + rows))[..., : rows * width]
+        out[..., start: start + width] += skewed.reshape(*lead, rows, width).sum(dim=-2)
+    return out
+
+
+def lag_correlation(dc: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``out[k, d, L-1 + lag] = sum_{b,t} dc[b, k, d, t] x[b, d, t - lag]``: (B, K, D, L) and (B, D, L) -> (K, D, 2L-1).
+
+    One batched matmul against the input reversed in time (``Q[t, c] = sum_b dc[t] x[L-1-c]``, whose anti-diagonal
+    ``t + c`` is lag ``t - s`` at index ``L-1 + t - s``), then ``antidiagonal_sums``: the (K, D, L, L) product is the
+    only matrix-sized temporary (reversing it instead of the input would make a second). The adjoint of ``toeplitz``'s
+    lag layout, summed over the batch."""
+    return antidiagonal_sums(torch.matmul(dc.permute(1, 2, 3, 0), x.flip(-1).permute(1, 0, 2)))
 
 
 def toeplitz_conv(u: torch.Tensor, matrices: torch.Tensor) -> torch.Tensor:
@@ -273,9 +294,9 @@ class LongConv:
 
     def centred_square_sums(self, x: torch.Tensor | Spectrum, center: torch.Tensor) -> torch.Tensor:
         """``sum_{b,t} (k_i * u - center_i)^2`` over batch and the L outputs: (K, D), the outputs never kept."""
-        if self.impl == "fft" and x.packed:
+        if self.impl == "fft" and x.packed:  # |z|^2 = re^2 + im^2: both packed rows, reduced without a copy
             out = torch.fft.ifft(self._spectral_product(x, None, center))[..., : self.length]
-            return torch.view_as_real(out).square().sum(dim=(0, -2, -1))  # re^2 + im^2: both packed rows
+            return torch.linalg.vector_norm(torch.view_as_real(out), dim=(0, -2, -1)).square()
         if self.impl == "triton_fft":  # reduced on chip: the outputs never reach memory
             from . import triton_fft
             return triton_fft.fft_square_sums(x, self.operator, center, *self.dft).to(center.dtype)
@@ -293,8 +314,10 @@ class LongConv:
             return self.backward(self.conv(x, scale, center), x, input_grad)
         product = self._spectral_product(x, scale, center)
         out = torch.fft.ifft(product) if x.packed else torch.fft.irfft(product, n=self.n)
+        del product  # at most two (B, K, D, n) tensors live at once
         out[..., self.length:] = 0  # the linear convolution's outputs only
         dc_f = torch.fft.fft(out) if x.packed else torch.fft.rfft(out)
+        del out
         return self._spectral_backward(dc_f, x, input_grad, x.batch)
 
     def adjoint(self, dc: torch.Tensor) -> torch.Tensor:
@@ -327,13 +350,10 @@ class LongConv:
         if input_grad and self.impl == "triton":
             from . import triton_toeplitz
             grad_u = triton_toeplitz.toeplitz_adjoint(dc, self.operator, *self.span)
-        elif input_grad:
-            b, k, d, _ = dc.shape
-            mats = self.operator.permute(1, 3, 0, 2).reshape(d, length, k * length)  # [d, s, (i, t)] = T_i[t, s]
-            grad_u = torch.matmul(mats, dc.permute(2, 1, 3, 0).reshape(d, k * length, b)).permute(2, 0, 1)
+        elif input_grad:  # sum_i T_i^T dc_i: the transposed matrices as they are (no copy of K * D * L^2)
+            grad_u = torch.matmul(self.operator.transpose(-1, -2), dc.permute(1, 2, 3, 0)).sum(dim=0).permute(2, 0, 1)
         if x is not None:
-            outer = torch.matmul(dc.permute(1, 2, 3, 0), x.permute(1, 0, 2))  # (K, D, t, s), summed over batch
-            lags = diagonal_sums(outer)  # index L-1+lag
+            lags = lag_correlation(dc, x)  # index L-1+lag
             fwd = lags[..., length - 1: length - 1 + self.len_fwd]
             bwd = lags[..., length - 1 - self.len_bwd: length - 1].flip(-1)
         return grad_u, fwd, (bwd if self.has_bwd else None)
@@ -349,8 +369,9 @@ class LongConv:
             for i in range(1, dc_f.shape[1]):
                 grad_f.addcmul_(dc_f[:, i], kernels[i].conj())
             grad_u = self._inverse_fft(grad_f, batch)
-        if x is not None:
-            product = (dc_f * x.spectrum.conj().unsqueeze(1)).sum(dim=0)
+        if x is not None:  # one kernel at a time: no (B, K, D, n) product
+            conj_x = x.spectrum.conj().resolve_conj()
+            product = torch.stack([(dc_f[:, i] * conj_x).sum(dim=0) for i in range(dc_f.shape[1])])
             # packed: sum_j DZ_j conj(X_j) = (the wanted correlation) + i (cross terms, real in time): keep the real
             # part of its inverse transform
             corr = torch.fft.ifft(product).real if packed else torch.fft.irfft(product, n=self.n)

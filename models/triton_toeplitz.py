@@ -144,9 +144,8 @@ def _(dy, lags, span_lo, span_hi):
 
 
 def lag_grad(dy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """``g[k, d, L-1+lag] = sum_{b,t} dy[b, k, d, t] x[b, d, t - lag]`` as a batched matmul and diagonal sums."""
-    outer = torch.matmul(dy.float().permute(1, 2, 3, 0), x.float().permute(1, 0, 2))
-    return K.diagonal_sums(outer)
+    """``g[k, d, L-1+lag] = sum_{b,t} dy[b, k, d, t] x[b, d, t - lag]`` (``kernels.lag_correlation``, in fp32)."""
+    return K.lag_correlation(dy.float(), x.float())
 
 
 def _setup(ctx, inputs, output):

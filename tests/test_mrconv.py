@@ -9,7 +9,8 @@ import torch
 
 from models import MRConv
 from models import kernels as K
-from models.branch_norm import BranchConvBatchNorm
+from models.branch_norm import BranchConvBatchNorm, _slice_bytes
+from pipelines.benchmark.timing import LiveBytes
 
 from .mrconv_reference import compare_with_reference, dilated_conv, moved_layer, naive_conv, reference_forward
 
@@ -176,14 +177,28 @@ def test_packed_pairs_round_trip():
     assert torch.equal(K.unpack_pairs(z), x)
 
 
-def test_diagonal_sums_equal_a_loop():
+@pytest.mark.parametrize("row_block", [1, 2, 3, 64])
+def test_antidiagonal_sums_equal_a_loop_in_any_row_blocks(row_block):
     torch.manual_seed(0)
-    q = torch.randn(2, 5, 5, dtype=torch.float64)
-    expected = torch.zeros(2, 9, dtype=torch.float64)
+    q = torch.randn(2, 3, 5, 5, dtype=torch.float64)
+    expected = torch.zeros(2, 3, 9, dtype=torch.float64)
     for t in range(5):
-        for s in range(5):
-            expected[:, 4 + t - s] += q[:, t, s]
-    torch.testing.assert_close(K.diagonal_sums(q), expected)
+        for c in range(5):
+            expected[..., t + c] += q[..., t, c]
+    torch.testing.assert_close(K.antidiagonal_sums(q, row_block), expected)
+
+
+def test_lag_correlation_equals_a_loop():
+    torch.manual_seed(0)
+    batch, kernels, dim, length = 3, 2, 4, 6
+    dc = torch.randn(batch, kernels, dim, length, dtype=torch.float64)
+    x = torch.randn(batch, dim, length, dtype=torch.float64)
+    expected = torch.zeros(kernels, dim, 2 * length - 1, dtype=torch.float64)
+    for lag in range(-(length - 1), length):
+        for t in range(length):
+            if 0 <= t - lag < length:
+                expected[..., length - 1 + lag] += (dc[..., t] * x[:, None, :, t - lag]).sum(dim=0)
+    torch.testing.assert_close(K.lag_correlation(dc, x), expected)
 
 
 def test_toeplitz_matrices_are_built_without_an_index_scatter():
@@ -454,6 +469,26 @@ def test_training_form_saves_nothing_of_branch_size(kernel_type, impl):
     assert new <= input_bytes + 8 * kernel_bytes < layer.num_branches * input_bytes
     reference = saved_bytes(lambda: reference_forward(copy.deepcopy(layer), u, impl))
     assert reference > layer.num_branches * input_bytes  # the test can tell the difference
+
+
+@pytest.mark.parametrize("impl, batch, length", [("fft", 16, 100), ("fft", 15, 100), ("toeplitz", 4, 60)])
+def test_training_step_stays_inside_its_memory_budget(impl, batch, length):
+    """``_slice_bytes`` is not below what a channel's forward + backward takes, so ``chunk_bytes`` bounds a step's
+    transient memory: the tensors made (``LiveBytes``) stay within the budget plus a few input-sized ones (output,
+    gradients) and kernel-sized ones, in one slice and in several."""
+    dim = 24
+    layer = MRConv(dim, length, 7, conv_impl=impl)
+    assert layer.num_branches == 5
+    u = torch.randn(batch, dim, length, requires_grad=True)
+    grad = torch.randn_like(u)
+    per_channel = _slice_bytes(batch, layer.num_branches, length, impl)
+    allowance = 6 * u.numel() * 4 + 4 * (4 * layer.dirs * layer.num_branches * dim * layer.kernel_len)
+    for budget, used in ((1 << 40, dim * per_channel), (4 * per_channel, 4 * per_channel)):  # 1 slice, 6 slices
+        layer.norm.chunk_bytes = budget
+        layer(u).backward(grad)  # the parameters' gradients exist from here on
+        with LiveBytes() as live:
+            layer(u).backward(grad)
+        assert live.peak <= used + allowance
 
 
 def test_training_form_backward_has_no_index_scatter():
