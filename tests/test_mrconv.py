@@ -9,6 +9,7 @@ import torch
 
 from models import MRConv
 from models import kernels as K
+from models import branch_norm
 from models.branch_norm import BranchConvBatchNorm, _slice_bytes
 from pipelines.benchmark.timing import LiveBytes
 
@@ -472,10 +473,10 @@ def test_training_form_saves_nothing_of_branch_size(kernel_type, impl):
 
 
 @pytest.mark.parametrize("impl, batch, length", [("fft", 16, 100), ("fft", 15, 100), ("toeplitz", 4, 60)])
-def test_training_step_stays_inside_its_memory_budget(impl, batch, length):
+def test_training_step_stays_inside_its_memory_budget(impl, batch, length, monkeypatch):
     """``_slice_bytes`` is not below what a channel's forward + backward takes, so ``chunk_bytes`` bounds a step's
     transient memory: the tensors made (``LiveBytes``) stay within the budget plus a few input-sized ones (output,
-    gradients) and kernel-sized ones, in one slice and in several."""
+    gradients) and kernel-sized ones, in one slice and in several, and by default within ``chunk_budget``."""
     dim = 24
     layer = MRConv(dim, length, 7, conv_impl=impl)
     assert layer.num_branches == 5
@@ -483,12 +484,20 @@ def test_training_step_stays_inside_its_memory_budget(impl, batch, length):
     grad = torch.randn_like(u)
     per_channel = _slice_bytes(batch, layer.num_branches, length, impl)
     allowance = 6 * u.numel() * 4 + 4 * (4 * layer.dirs * layer.num_branches * dim * layer.kernel_len)
-    for budget, used in ((1 << 40, dim * per_channel), (4 * per_channel, 4 * per_channel)):  # 1 slice, 6 slices
+    monkeypatch.setattr(branch_norm, "CHUNK_BYTES_MIN", 0)
+    monkeypatch.setattr(branch_norm, "CHUNK_BYTES_PER_SAMPLE", 3 * per_channel // batch)  # default: 3 a slice
+    assert branch_norm.chunk_budget(batch) <= 3 * per_channel
+    for budget, used in ((1 << 40, dim * per_channel), (4 * per_channel, 4 * per_channel), (None, 3 * per_channel)):
         layer.norm.chunk_bytes = budget
         layer(u).backward(grad)  # the parameters' gradients exist from here on
         with LiveBytes() as live:
             layer(u).backward(grad)
         assert live.peak <= used + allowance
+
+
+def test_chunk_budget_grows_with_the_batch_from_a_floor():
+    assert branch_norm.chunk_budget(1) == branch_norm.CHUNK_BYTES_MIN == 256 * 2**20
+    assert branch_norm.chunk_budget(128) == 128 * branch_norm.CHUNK_BYTES_PER_SAMPLE == 2 * 2**30
 
 
 def test_training_form_backward_has_no_index_scatter():
