@@ -495,6 +495,23 @@ def test_training_step_stays_inside_its_memory_budget(impl, batch, length, monke
         assert live.peak <= used + allowance
 
 
+@pytest.mark.parametrize("triton_max_len", [784, 0])  # Toeplitz tiles; the FFT kernel at every length
+def test_triton_training_step_stays_inside_its_memory_budget(triton_max_len, monkeypatch):
+    """The same bound for conv_impl="triton" (its kernels under Triton's interpreter here): what they allocate are
+    their outputs, as on a GPU, where their work stays on chip."""
+    monkeypatch.setattr(K, "TRITON_MAX_LEN", triton_max_len)
+    batch, dim, length = 4, 8, 60
+    layer = MRConv(dim, length, 7, conv_impl="triton")
+    u = torch.randn(batch, dim, length, requires_grad=True)
+    grad = torch.randn_like(u)
+    per_channel = _slice_bytes(batch, layer.num_branches, length, "triton")
+    layer.norm.chunk_bytes = 2 * per_channel  # four slices
+    layer(u).backward(grad)
+    with LiveBytes() as live:
+        layer(u).backward(grad)
+    assert live.peak <= 2 * per_channel + 6 * u.numel() * 4 + 4 * (4 * layer.dirs * layer.num_branches * dim * length)
+
+
 def test_chunk_budget_grows_with_the_batch_from_a_floor():
     assert branch_norm.chunk_budget(1) == branch_norm.CHUNK_BYTES_MIN == 256 * 2**20
     assert branch_norm.chunk_budget(128) == 128 * branch_norm.CHUNK_BYTES_PER_SAMPLE == 2 * 2**30
