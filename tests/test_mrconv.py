@@ -472,27 +472,32 @@ def test_training_form_saves_nothing_of_branch_size(kernel_type, impl):
     assert reference > layer.num_branches * input_bytes  # the test can tell the difference
 
 
+def work_bytes(layer: MRConv, u: torch.Tensor, grad: torch.Tensor, budget: int | None) -> int:
+    """What a training step with ``chunk_bytes=budget`` makes (``LiveBytes`` peak) beyond a few input-sized tensors
+    (output, gradients) and kernel-sized ones."""
+    layer.norm.chunk_bytes = budget
+    layer(u).backward(grad)  # the parameters' gradients exist from here on
+    with LiveBytes() as live:
+        layer(u).backward(grad)
+    kernel_bytes = 4 * layer.dirs * layer.num_branches * layer.dim * layer.kernel_len
+    return live.peak - 6 * u.numel() * 4 - 4 * kernel_bytes
+
+
 @pytest.mark.parametrize("impl, batch, length", [("fft", 16, 100), ("fft", 15, 100), ("toeplitz", 4, 60)])
 def test_training_step_stays_inside_its_memory_budget(impl, batch, length, monkeypatch):
     """``_slice_bytes`` is not below what a channel's forward + backward takes, so ``chunk_bytes`` bounds a step's
-    transient memory: the tensors made (``LiveBytes``) stay within the budget plus a few input-sized ones (output,
-    gradients) and kernel-sized ones, in one slice and in several, and by default within ``chunk_budget``."""
+    transient memory (``work_bytes``), in one slice and in several, and by default within ``chunk_budget``."""
     dim = 24
     layer = MRConv(dim, length, 7, conv_impl=impl)
     assert layer.num_branches == 5
     u = torch.randn(batch, dim, length, requires_grad=True)
     grad = torch.randn_like(u)
     per_channel = _slice_bytes(batch, layer.num_branches, length, impl)
-    allowance = 6 * u.numel() * 4 + 4 * (4 * layer.dirs * layer.num_branches * dim * layer.kernel_len)
     monkeypatch.setattr(branch_norm, "CHUNK_BYTES_MIN", 0)
     monkeypatch.setattr(branch_norm, "CHUNK_BYTES_PER_SAMPLE", 3 * per_channel // batch)  # default: 3 a slice
     assert branch_norm.chunk_budget(batch) <= 3 * per_channel
     for budget, used in ((1 << 40, dim * per_channel), (4 * per_channel, 4 * per_channel), (None, 3 * per_channel)):
-        layer.norm.chunk_bytes = budget
-        layer(u).backward(grad)  # the parameters' gradients exist from here on
-        with LiveBytes() as live:
-            layer(u).backward(grad)
-        assert live.peak <= used + allowance
+        assert work_bytes(layer, u, grad, budget) <= used
 
 
 @pytest.mark.parametrize("triton_max_len", [784, 0])  # Toeplitz tiles; the FFT kernel at every length
@@ -503,13 +508,8 @@ def test_triton_training_step_stays_inside_its_memory_budget(triton_max_len, mon
     batch, dim, length = 4, 8, 60
     layer = MRConv(dim, length, 7, conv_impl="triton")
     u = torch.randn(batch, dim, length, requires_grad=True)
-    grad = torch.randn_like(u)
     per_channel = _slice_bytes(batch, layer.num_branches, length, "triton")
-    layer.norm.chunk_bytes = 2 * per_channel  # four slices
-    layer(u).backward(grad)
-    with LiveBytes() as live:
-        layer(u).backward(grad)
-    assert live.peak <= 2 * per_channel + 6 * u.numel() * 4 + 4 * (4 * layer.dirs * layer.num_branches * dim * length)
+    assert work_bytes(layer, u, torch.randn_like(u), 2 * per_channel) <= 2 * per_channel  # four slices
 
 
 def test_chunk_budget_grows_with_the_batch_from_a_floor():
