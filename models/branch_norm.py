@@ -44,17 +44,19 @@ def channel_slices(dim: int, per_channel_bytes: int, budget: int) -> list[slice]
 
 def _slice_bytes(batch: int, branches: int, length: int, impl: str) -> int:
     """Bytes of transient work per channel, as measured (``pipelines.benchmark layer --train`` prints a step's peak;
-    ``tests/test_mrconv.py`` holds each path to this). FFTs (torch's, or the Triton FFT above ``TRITON_MAX_LEN``,
-    whose kernel gradient is torch's): two (B, N, n) spectra at a time (three for an odd batch, whose real inverse
-    FFT copies its input on the CPU), the input's and the gradient's spectra, the kernels'. Otherwise the (L, L)
-    matrices: the branches' and the merged kernel's Toeplitz operators (``toeplitz`` only) and the batch-summed
-    products whose anti-diagonals give the kernel gradients (``kernels.lag_correlation``) with their padded row
-    blocks, and a few (B, N, L) outputs."""
-    if impl == "fft" or (impl == "triton" and length > K.TRITON_MAX_LEN):
+    ``tests/test_mrconv.py`` holds each path to this). torch's FFTs, which go one branch at a time: a few (B, n)
+    spectra (the input's, the gradient's, a branch's product, its inverse and forward transforms, the adjoint's sum)
+    and the kernels' spectra and layouts, about 12 (N, n) (the larger share at small batches). The Triton FFT above
+    ``TRITON_MAX_LEN`` (its kernel gradient is torch's): two (B, N, n) spectra at a time (three for an odd batch,
+    whose real inverse FFT copies its input on the CPU). Otherwise the (L, L) matrices: the branches' and the merged
+    kernel's Toeplitz operators (``toeplitz`` only) and the batch-summed products whose anti-diagonals give the
+    kernel gradients (``kernels.lag_correlation``) with their padded row blocks, and a few (B, N, L) outputs."""
+    if impl == "fft":
         n = K.fft_size(length, length, length)
-        if impl == "triton":
-            from . import triton_fft
-            n = triton_fft.monarch_size(length, length, length) or n
+        return 4 * (batch * (7 * n + 2 * length) + (12 * branches + 4) * n)
+    if impl == "triton" and length > K.TRITON_MAX_LEN:
+        from . import triton_fft
+        n = triton_fft.monarch_size(length, length, length) or K.fft_size(length, length, length)
         spectra = 2 if K.packs_pairs(batch) else 3
         return 4 * (batch * (branches * (spectra * n + length) + 4 * n) + (2 * branches + 2) * n)
     rows = min(K.ANTIDIAGONAL_ROWS, length)
