@@ -10,7 +10,7 @@ import torch
 from models import MRConv
 from models import kernels as K
 from models import branch_norm
-from models.branch_norm import BranchConvBatchNorm, _slice_bytes
+from models.branch_norm import BranchConvBatchNorm, ToeplitzBatchNorm, _slice_bytes
 from pipelines.benchmark.timing import LiveBytes
 
 from .mrconv_reference import compare_with_reference, dilated_conv, moved_layer, naive_conv, reference_forward
@@ -422,6 +422,40 @@ def test_training_form_equals_reference_in_float32(kernel_type, impl):
 
 
 @pytest.mark.parametrize("impl", ["fft", "toeplitz"])
+def test_single_branch_training_form_equals_reference_in_float32(impl):
+    layer = moved_layer("fourier_sparse", True, impl, dtype=torch.float32, seq_len=16, l0=16)
+    compare_with_reference(layer, 2 * torch.randn(8, layer.dim, 16) + 0.5, impl, rtol=1e-4)
+
+
+@pytest.mark.parametrize("impl, l0", [("fft", 5), ("toeplitz", 5), ("toeplitz", 40)])
+def test_training_form_takes_a_channels_last_view_as_it_is(impl, l0):
+    """MRConvNeXt's feature maps are channels-last on the CPU (oneDNN's convolutions), so its layers get (B, D, L)
+    views with the channels at stride 1, and gradients laid out alike: the same numbers as from contiguous ones."""
+    layer = moved_layer("fourier_sparse", True, impl, seq_len=40, l0=l0)
+    strided = copy.deepcopy(layer)
+    u = 2 * torch.randn(3, 40, layer.dim, dtype=torch.float64) + 0.5
+    grad = torch.randn(3, 40, layer.dim, dtype=torch.float64)
+    u1, u2 = u.transpose(1, 2).contiguous().requires_grad_(), u.transpose(1, 2).detach().requires_grad_()
+    assert u2.stride(1) == 1
+    (layer(u1) * grad.transpose(1, 2).contiguous()).sum().backward()
+    (strided(u2) * grad.transpose(1, 2)).sum().backward()
+    torch.testing.assert_close(u2.grad, u1.grad, rtol=1e-12, atol=1e-12)
+    for p, q in zip(layer.parameters(), strided.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-12, atol=1e-12)
+
+
+def test_single_branch_layers_train_through_their_toeplitz_path_on_the_cpu():
+    """``TOEPLITZ_MAX_LEN_TRAIN_SINGLE``: one branch up to L = 64 by its Toeplitz matrix, longer ones by FFTs; layers
+    with several branches by FFTs at every length (``TOEPLITZ_MAX_LEN_TRAIN``)."""
+    for length, l0, node in ((16, 16, "ToeplitzBatchNormBackward"), (64, 64, "ToeplitzBatchNormBackward"),
+                             (100, 100, "BranchConvBatchNormBackward"), (16, 5, "BranchConvBatchNormBackward")):
+        layer = MRConv(4, length, l0)
+        names = autograd_node_names(layer(torch.randn(2, 4, length, requires_grad=True)))
+        assert node in names, (length, l0)
+        assert layer.eval()(torch.randn(2, 4, length)).shape == (2, 4, length)
+
+
+@pytest.mark.parametrize("impl", ["fft", "toeplitz"])
 def test_channel_slices_give_the_same_result(impl):
     layer = moved_layer("fourier_sparse", True, impl, dim=7)
     sliced = copy.deepcopy(layer)
@@ -470,6 +504,17 @@ def test_training_form_saves_nothing_of_branch_size(kernel_type, impl):
     assert new <= input_bytes + 8 * kernel_bytes < layer.num_branches * input_bytes
     reference = saved_bytes(lambda: reference_forward(copy.deepcopy(layer), u, impl))
     assert reference > layer.num_branches * input_bytes  # the test can tell the difference
+
+
+def test_single_branch_path_saves_the_input_only():
+    """``ToeplitzBatchNorm`` recomputes ``k * u`` in backward: the input and kernel-sized tensors are all it keeps
+    (autograd through the matmul and ``F.batch_norm`` would keep the branch output besides)."""
+    batch, dim, length = 64, 4, 40
+    layer = MRConv(dim, length, length, conv_impl="toeplitz")
+    u = torch.randn(batch, dim, length, requires_grad=True)
+    kernel_bytes = 4 * layer.dirs * dim * layer.kernel_len
+    assert saved_bytes(lambda: layer(u)) <= u.numel() * u.element_size() + 8 * kernel_bytes
+    assert "ToeplitzBatchNormBackward" in autograd_node_names(layer(u))
 
 
 def work_bytes(layer: MRConv, u: torch.Tensor, grad: torch.Tensor, budget: int | None) -> int:
@@ -555,3 +600,6 @@ def test_function_gradcheck():
     for impl in ("fft", "toeplitz"):
         assert torch.autograd.gradcheck(
             lambda *a: BranchConvBatchNorm.apply(*a, 1e-5, impl, 2**20)[0], (u, kernels, alpha, gamma, beta))
+    one = [kernels[:, :1]] + [t[:1] for t in (alpha, gamma, beta)]  # the first branch alone
+    one = [t.detach().clone().requires_grad_() for t in one]
+    assert torch.autograd.gradcheck(lambda *a: ToeplitzBatchNorm.apply(*a, 1e-5)[0], (u, *one))
