@@ -14,6 +14,8 @@ only through per-branch reductions (MRCONV.md section 6):
 The branch outputs are produced a slice of channels at a time (the statistics are per channel, so a slice holds all
 it needs), reduced and dropped; backward recomputes them from the saved input. Nothing of shape ``(B, N, D, L)``
 outlives a slice. The statistics are the reference's (batch and output positions), so the result is the same model.
+Two ways to get there: ``BranchConvBatchNorm`` (y as one convolution with the merged kernel; FFTs or Toeplitz
+operators) and, for short inputs, ``ToeplitzBatchNorm`` (every branch's Toeplitz matrix in one batched matmul).
 """
 from __future__ import annotations
 
@@ -50,7 +52,12 @@ def _slice_bytes(batch: int, branches: int, length: int, impl: str) -> int:
     ``TRITON_MAX_LEN`` (its kernel gradient is torch's): two (B, N, n) spectra at a time (three for an odd batch,
     whose real inverse FFT copies its input on the CPU). Otherwise the (L, L) matrices: the branches' and the merged
     kernel's Toeplitz operators (``toeplitz`` only) and the batch-summed products whose anti-diagonals give the
-    kernel gradients (``kernels.lag_correlation``) with their padded row blocks, and a few (B, N, L) outputs."""
+    kernel gradients (``kernels.lag_correlation``) with their padded row blocks, and a few (B, N, L) outputs.
+    ``direct`` (``ToeplitzBatchNorm``): the branches' matrices, their layout copies and kernel-gradient products, the
+    (B, N, L) outputs and their gradients."""
+    if impl == "direct":
+        rows = min(K.ANTIDIAGONAL_ROWS, length)
+        return 4 * (3 * branches * length * length + 5 * batch * branches * length + branches * rows * (length + rows))
     if impl == "fft":
         n = K.fft_size(length, length, length)
         return 4 * (batch * (7 * n + 2 * length) + (12 * branches + 4) * n)
@@ -165,62 +172,78 @@ class BranchConvBatchNorm(torch.autograd.Function):
 
 
 class ToeplitzBatchNorm(torch.autograd.Function):
-    """``(u, kernels, alpha, gamma, beta)`` -> ``(y, mean, var)`` for ONE branch (``L <= l0``) with its Toeplitz
-    matrix: ``y = alpha * BN(k * u)``, as ``BranchConvBatchNorm`` computes it, in a few batched matmuls over channels.
+    """``(u, kernels, alpha, gamma, beta)`` -> ``(y, mean, var)`` for short inputs, every branch by its Toeplitz
+    matrix: the branch outputs of a channel slice in one matmul, their statistics in two reductions, ``y`` as their
+    weighted sum, and in backward every gradient in three more matmuls (the outputs recomputed from the saved input).
 
-    A short single-branch layer (MRConvNeXt's late stages at small image sizes) is a handful of small operations, so
-    what it costs is their count: no channel slices (the (D, L, L) matrix is kernel-sized), the statistics in two
-    reductions, and backward recomputes ``k * u`` from the saved input (one matmul) rather than keeping it.
-    Arguments and outputs as ``BranchConvBatchNorm``'s with ``N = 1``."""
+    Where a layer is short (MRConvNeXt's late stages at small image sizes), what it costs is the count of its
+    operations, not their arithmetic: this path takes some 30, where the merged-kernel path (``BranchConvBatchNorm``)
+    takes some 200. Its (N, D_slice, B, L) outputs live only inside a slice. Arguments and outputs as
+    ``BranchConvBatchNorm``'s."""
 
     @staticmethod
-    def _branch(x: torch.Tensor, kernels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The matrices (D, L, L) and ``k * u`` laid out (D, B, L): one matmul batched over channels."""
-        fwd, bwd = K.truncate(kernels[:, 0], x.shape[-1])
-        matrices = K.toeplitz(fwd, bwd, x.shape[-1])
+    def _outputs(x: torch.Tensor, kernels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The matrices (N, D, L, L) and every ``k_i * u`` laid out (N, D, B, L), from ``x`` (B, D, L)."""
+        matrices = K.toeplitz(*K.truncate(kernels, x.shape[-1]), x.shape[-1])
         return matrices, torch.matmul(x.transpose(0, 1), matrices.transpose(-1, -2))
 
     @staticmethod
-    def forward(ctx, u, kernels, alpha, gamma, beta, eps: float):
-        _, c = ToeplitzBatchNorm._branch(u.to(kernels.dtype), kernels)
-        count = c.shape[1] * c.shape[2]
-        mean = c.sum(dim=(1, 2)) / count
-        centred = (c - mean[:, None, None]).flatten(1)  # torch.var_mean over two dims is ~50x slower on the CPU
-        var = torch.linalg.vecdot(centred, centred) / count
-        scale = alpha[0] * gamma[0] * torch.rsqrt(var + eps)
-        shift = alpha[0] * beta[0] - scale * mean
-        y = torch.addcmul(shift[:, None], c.transpose(0, 1), scale[:, None])  # (B, D, L)
+    def forward(ctx, u, kernels, alpha, gamma, beta, eps: float, chunk_bytes: int):
+        x = u.to(kernels.dtype)
+        batch, dim, length = x.shape
+        branches, count = kernels.shape[1], batch * length
+        y = x.new_empty(batch, dim, length)
+        mean, var = x.new_empty(branches, dim), x.new_empty(branches, dim)
+        shift = (alpha * beta).sum(dim=0)
+        for sl in channel_slices(dim, _slice_bytes(batch, branches, length, "direct"), chunk_bytes):
+            _, c = ToeplitzBatchNorm._outputs(x[:, sl], kernels[:, :, sl])
+            mean[:, sl] = c.sum(dim=(2, 3)) / count
+            centred = c.sub_(mean[:, sl, None, None]).flatten(2)  # torch.var_mean over two dims is ~50x slower
+            var[:, sl] = torch.linalg.vecdot(centred, centred) / count
+            scale = alpha[:, sl] * gamma[:, sl] * torch.rsqrt(var[:, sl] + eps)
+            if branches == 1:
+                out = torch.addcmul(shift[sl, None, None], c[0], scale[0, :, None, None])
+            else:
+                out = torch.einsum("nd,ndbl->dbl", scale, c).add_(shift[sl, None, None])
+            y[:, sl] = out.transpose(0, 1)
         ctx.save_for_backward(u, kernels, alpha, gamma, beta, mean, var)
-        ctx.eps = eps
+        ctx.eps, ctx.chunk_bytes = eps, chunk_bytes
         ctx.mark_non_differentiable(mean, var)
-        return y, mean[None], var[None]
+        return y, mean, var
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_y, _grad_mean, _grad_var):
         u, kernels, alpha, gamma, beta, mean, var = ctx.saved_tensors
-        x = u.to(kernels.dtype)
+        x, g = u.to(kernels.dtype), grad_y.to(kernels.dtype).contiguous()
         batch, dim, length = x.shape
-        count = batch * length
-        matrices, c = ToeplitzBatchNorm._branch(x, kernels)
+        branches, count = kernels.shape[1], batch * length
         invstd = torch.rsqrt(var + ctx.eps)
-        chat = c.sub_(mean[:, None, None]).mul_(invstd[:, None, None])  # (D, B, L)
-        g = grad_y.to(kernels.dtype).contiguous().transpose(0, 1)
-        sum_g = g.sum(dim=(1, 2))  # G0
-        sum_g_chat = torch.linalg.vecdot(g, chat).sum(dim=1)  # G1
-        # d c = a * (g - G0 / M - c_hat * G1 / M)
-        a = alpha[0] * gamma[0] * invstd
-        dc = torch.addcmul((g - (sum_g / count)[:, None, None]) * a[:, None, None], chat,
-                           (-a * sum_g_chat / count)[:, None, None])
-        grad_u = torch.matmul(dc, matrices).transpose(0, 1).to(u.dtype) if ctx.needs_input_grad[0] else None
-        lags = K.lag_correlation(dc.transpose(0, 1).unsqueeze(1), x)  # (1, D, 2L-1), index L-1+lag
-        fwd, bwd = K.truncate(kernels, length)
+        a = alpha * gamma * invstd
+        grad_u = torch.empty_like(x) if ctx.needs_input_grad[0] else None
         grad_k = torch.zeros_like(kernels)
-        grad_k[0, :, :, : fwd.shape[-1]] = lags[..., length - 1: length - 1 + fwd.shape[-1]]
-        if bwd is not None:
-            grad_k[1, :, :, : bwd.shape[-1]] = lags[..., length - 1 - bwd.shape[-1]: length - 1].flip(-1)
+        sum_g = g.sum(dim=(0, 2))  # G0
+        sum_g_chat = torch.empty_like(mean)  # G1
+        fwd, bwd = K.truncate(kernels, length)
+        for sl in channel_slices(dim, _slice_bytes(batch, branches, length, "direct"), ctx.chunk_bytes):
+            matrices, c = ToeplitzBatchNorm._outputs(x[:, sl], kernels[:, :, sl])
+            chat = c.sub_(mean[:, sl, None, None]).mul_(invstd[:, sl, None, None])  # (N, d, B, L)
+            gs = g[:, sl].transpose(0, 1)  # (d, B, L)
+            g1 = torch.linalg.vecdot(chat.flatten(2), gs.flatten(1))
+            sum_g_chat[:, sl] = g1
+            # d c_i = a_i * (g - G0 / M - c_hat_i * G1_i / M)
+            centred_g = gs - (sum_g[sl] / count)[:, None, None]
+            dc = torch.addcmul(centred_g * a[:, sl, None, None], chat, (-a[:, sl] * g1 / count)[..., None, None])
+            if grad_u is not None:  # sum_i T_i^T d c_i
+                du = torch.matmul(dc, matrices)
+                grad_u[:, sl] = (du[0] if branches == 1 else du.sum(dim=0)).transpose(0, 1)
+            lags = K.lag_correlation(dc.permute(2, 0, 1, 3), x[:, sl])  # (N, d, 2L-1), index L-1+lag
+            grad_k[0, :, sl, : fwd.shape[-1]] = lags[..., length - 1: length - 1 + fwd.shape[-1]]
+            if bwd is not None:
+                grad_k[1, :, sl, : bwd.shape[-1]] = lags[..., length - 1 - bwd.shape[-1]: length - 1].flip(-1)
         grad_alpha = gamma * sum_g_chat + beta * sum_g
-        return grad_u, grad_k, grad_alpha, alpha * sum_g_chat, alpha * sum_g, None
+        grad_u = None if grad_u is None else grad_u.to(u.dtype)
+        return grad_u, grad_k, grad_alpha, alpha * sum_g_chat, alpha * sum_g.expand_as(alpha), None, None
 
 
 class BranchBatchNorm(nn.BatchNorm1d):
@@ -262,14 +285,12 @@ class BranchBatchNorm(nn.BatchNorm1d):
         # (B, D, L) in memory: a channels-last feature map's flattened view steps over channels (stride 1) and would
         # make every transform and matmul gather its rows (measured: 2.8x slower at L = 16, batch 16, on the CPU)
         u = u.contiguous()
-        if self.num_branches == 1 and impl == "toeplitz":
-            y, mean, var = ToeplitzBatchNorm.apply(u, kernels.to(dtype), alpha.to(dtype), v(self.weight).to(dtype),
-                                                   v(self.bias).to(dtype), self.eps)
-            self._update_running_stats(mean, var, batch * length)
-            return y
-        y, mean, var = BranchConvBatchNorm.apply(u, kernels.to(dtype), alpha.to(dtype), v(self.weight).to(dtype),
-                                                 v(self.bias).to(dtype), self.eps, impl,
-                                                 self.chunk_bytes or chunk_budget(batch))
+        args = (u, kernels.to(dtype), alpha.to(dtype), v(self.weight).to(dtype), v(self.bias).to(dtype), self.eps)
+        budget = self.chunk_bytes or chunk_budget(batch)
+        if impl == "direct" or (impl == "toeplitz" and self.num_branches == 1):
+            y, mean, var = ToeplitzBatchNorm.apply(*args, budget)
+        else:
+            y, mean, var = BranchConvBatchNorm.apply(*args, impl, budget)
         self._update_running_stats(mean, var, batch * length)
         return y
 

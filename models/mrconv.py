@@ -26,11 +26,13 @@ TOEPLITZ_MAX_LEN = {"cpu": 128, "cuda": 256}
 # 49 0.87x, 16 0.75x, 4 0.99x of the Toeplitz time; only L=64 went the other way, 1.15x), so CPU trains with FFTs.
 # CUDA keeps the inference threshold until a GPU measurement says otherwise.
 TOEPLITZ_MAX_LEN_TRAIN = {"cpu": 0, "cuda": 256}
-# Single-branch layers (L <= l0: MRConvNeXt's late stages at small image sizes) train through their own Toeplitz
-# path (``branch_norm.ToeplitzBatchNorm``, a few matmuls). On CPU it beat the FFT path at every single-branch length up
-# to 64 and lost from 100 (one layer forward + backward, 1 thread, time ratio toeplitz/fft: batch 16: L=4 0.85,
-# 9 0.72, 16 0.65, 25 0.56, 36 0.57, 49 0.85, 64 0.90, 100 1.37; batch 64: 16 0.52, 49 0.65, 64 0.68).
-TOEPLITZ_MAX_LEN_TRAIN_SINGLE = {"cpu": 64, "cuda": 256}
+# Short inputs train by the branches' Toeplitz matrices directly (``branch_norm.ToeplitzBatchNorm``: a few batched
+# matmuls, where the merged-kernel path takes some 200 small operations), up to this length by device type and by
+# whether the layer has one branch or several. CPU, one layer forward + backward, 1 thread, time against the FFT
+# path side by side (batch 16 / 64): one branch, L = 4 0.90 / 0.86, 9 0.79 / 0.78, 16 0.69 / 0.56, 25 0.58 / 0.56,
+# 36 0.69 / 0.55, 49 0.92 / 0.65, 64 0.92 / 0.80, 100 1.49 / 0.85; several (l0 = 28), L = 36 0.70 / 0.64, 49 1.19 /
+# 0.88, 64 1.45 / 1.33, 100 2.30 / 1.32. CUDA: single-branch layers as its Toeplitz threshold (no GPU figure yet).
+DIRECT_MAX_LEN_TRAIN = {"cpu": (64, 36), "cuda": (256, 0)}  # (one branch, several)
 CONV_IMPLS = ("auto", "fft", "toeplitz", "triton")
 # The layer's kernel parameters and branch weights (no weight decay; the optional kernel learning rate). The
 # per-branch BatchNorm is not among them: it is an ordinary norm layer.
@@ -52,7 +54,7 @@ class MRConv(nn.Module):
         n_sparse: non-zero taps per branch and channel (``sparse``, ``fourier_sparse``).
         seed: seed of the sparse tap positions (a buffer saved with the model, never resampled).
         conv_impl: ``auto`` (Toeplitz matmul up to ``TOEPLITZ_MAX_LEN`` of the device type, FFT above; in training
-            ``TOEPLITZ_MAX_LEN_TRAIN``, or ``TOEPLITZ_MAX_LEN_TRAIN_SINGLE`` for one branch), ``fft``, ``toeplitz`` or ``triton`` (Triton Toeplitz tiles up to
+            ``TOEPLITZ_MAX_LEN_TRAIN``, below ``DIRECT_MAX_LEN_TRAIN`` the branches' matrices directly), ``fft``, ``toeplitz`` or ``triton`` (Triton Toeplitz tiles up to
             ``kernels.TRITON_MAX_LEN``, the fused Triton FFT above; on CUDA, or the CPU under
             ``TRITON_INTERPRET=1``; elsewhere, as on a CPU copy of the model that fvcore counts, what ``auto`` picks).
         inference_mode: build the fused single-kernel form directly (to load a fused ``state_dict``).
@@ -200,13 +202,15 @@ class MRConv(nn.Module):
 
     # ------------------------------------------------------------------------------------------------- forward
     def _impl(self, length: int, device: torch.device, training: bool = False) -> str:
-        """How to convolve a length-``length`` input: ``fft``, ``toeplitz`` or ``triton`` (``kernels.LongConv``)."""
+        """How to convolve a length-``length`` input: ``fft``, ``toeplitz`` or ``triton`` (``kernels.LongConv``), or in
+        training ``direct`` (``branch_norm.ToeplitzBatchNorm``)."""
         if self.conv_impl in ("fft", "toeplitz") or (self.conv_impl == "triton" and K.triton_runs_on(device)):
             return self.conv_impl  # LongConv picks the Triton kernel by length
-        if not training:
-            table = TOEPLITZ_MAX_LEN
-        else:
-            table = TOEPLITZ_MAX_LEN_TRAIN_SINGLE if self.num_branches == 1 else TOEPLITZ_MAX_LEN_TRAIN
+        if training:
+            direct = DIRECT_MAX_LEN_TRAIN.get(device.type, DIRECT_MAX_LEN_TRAIN["cpu"])
+            if length <= direct[0 if self.num_branches == 1 else 1]:
+                return "direct"
+        table = TOEPLITZ_MAX_LEN_TRAIN if training else TOEPLITZ_MAX_LEN
         return "toeplitz" if length <= table.get(device.type, table["cpu"]) else "fft"
 
     def _long_conv(self, kernels: torch.Tensor, length: int) -> K.LongConv:

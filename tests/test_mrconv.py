@@ -391,7 +391,7 @@ def test_wrong_input_shape_raises_value_error(shape):
 
 
 # ------------------------------------------------------------------------------------- the training form (issue 11)
-@pytest.mark.parametrize("impl", ["fft", "toeplitz"])
+@pytest.mark.parametrize("impl", ["fft", "toeplitz", "auto"])  # auto on the CPU: the direct path up to L = 36
 @pytest.mark.parametrize("bidirectional", [True, False])
 @pytest.mark.parametrize("kernel_type", KERNEL_TYPES)
 def test_training_form_equals_reference_in_float64(kernel_type, bidirectional, impl):
@@ -427,14 +427,14 @@ def test_single_branch_training_form_equals_reference_in_float32(impl):
     compare_with_reference(layer, 2 * torch.randn(8, layer.dim, 16) + 0.5, impl, rtol=1e-4)
 
 
-@pytest.mark.parametrize("impl, l0", [("fft", 5), ("toeplitz", 5), ("toeplitz", 40)])
-def test_training_form_takes_a_channels_last_view_as_it_is(impl, l0):
+@pytest.mark.parametrize("impl, l0, length", [("fft", 5, 40), ("toeplitz", 5, 40), ("auto", 40, 40), ("auto", 5, 30)])
+def test_training_form_takes_a_channels_last_view_as_it_is(impl, l0, length):
     """MRConvNeXt's feature maps are channels-last on the CPU (oneDNN's convolutions), so its layers get (B, D, L)
     views with the channels at stride 1, and gradients laid out alike: the same numbers as from contiguous ones."""
     layer = moved_layer("fourier_sparse", True, impl, seq_len=40, l0=l0)
     strided = copy.deepcopy(layer)
-    u = 2 * torch.randn(3, 40, layer.dim, dtype=torch.float64) + 0.5
-    grad = torch.randn(3, 40, layer.dim, dtype=torch.float64)
+    u = 2 * torch.randn(3, length, layer.dim, dtype=torch.float64) + 0.5
+    grad = torch.randn(3, length, layer.dim, dtype=torch.float64)
     u1, u2 = u.transpose(1, 2).contiguous().requires_grad_(), u.transpose(1, 2).detach().requires_grad_()
     assert u2.stride(1) == 1
     (layer(u1) * grad.transpose(1, 2).contiguous()).sum().backward()
@@ -444,11 +444,12 @@ def test_training_form_takes_a_channels_last_view_as_it_is(impl, l0):
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-12, atol=1e-12)
 
 
-def test_single_branch_layers_train_through_their_toeplitz_path_on_the_cpu():
-    """``TOEPLITZ_MAX_LEN_TRAIN_SINGLE``: one branch up to L = 64 by its Toeplitz matrix, longer ones by FFTs; layers
-    with several branches by FFTs at every length (``TOEPLITZ_MAX_LEN_TRAIN``)."""
+def test_short_layers_train_through_the_direct_path_on_the_cpu():
+    """``DIRECT_MAX_LEN_TRAIN``: one branch up to L = 64 and several up to 36 by their Toeplitz matrices
+    (``ToeplitzBatchNorm``), longer inputs by FFTs (the merged-kernel path); eval mode folds as before."""
     for length, l0, node in ((16, 16, "ToeplitzBatchNormBackward"), (64, 64, "ToeplitzBatchNormBackward"),
-                             (100, 100, "BranchConvBatchNormBackward"), (16, 5, "BranchConvBatchNormBackward")):
+                             (100, 100, "BranchConvBatchNormBackward"), (36, 5, "ToeplitzBatchNormBackward"),
+                             (40, 5, "BranchConvBatchNormBackward")):
         layer = MRConv(4, length, l0)
         names = autograd_node_names(layer(torch.randn(2, 4, length, requires_grad=True)))
         assert node in names, (length, l0)
@@ -506,13 +507,14 @@ def test_training_form_saves_nothing_of_branch_size(kernel_type, impl):
     assert reference > layer.num_branches * input_bytes  # the test can tell the difference
 
 
-def test_single_branch_path_saves_the_input_only():
-    """``ToeplitzBatchNorm`` recomputes ``k * u`` in backward: the input and kernel-sized tensors are all it keeps
-    (autograd through the matmul and ``F.batch_norm`` would keep the branch output besides)."""
-    batch, dim, length = 64, 4, 40
-    layer = MRConv(dim, length, length, conv_impl="toeplitz")
+@pytest.mark.parametrize("l0", [30, 5])
+def test_direct_path_saves_the_input_only(l0):
+    """``ToeplitzBatchNorm`` recomputes the branch outputs in backward: the input and kernel-sized tensors are all it
+    keeps (autograd through the matmul and ``F.batch_norm`` would keep the (B, N, D, L) outputs besides)."""
+    batch, dim, length = 64, 4, 30
+    layer = MRConv(dim, length, l0)
     u = torch.randn(batch, dim, length, requires_grad=True)
-    kernel_bytes = 4 * layer.dirs * dim * layer.kernel_len
+    kernel_bytes = 4 * layer.dirs * layer.num_branches * dim * layer.kernel_len
     assert saved_bytes(lambda: layer(u)) <= u.numel() * u.element_size() + 8 * kernel_bytes
     assert "ToeplitzBatchNormBackward" in autograd_node_names(layer(u))
 
@@ -528,12 +530,14 @@ def work_bytes(layer: MRConv, u: torch.Tensor, grad: torch.Tensor, budget: int |
     return live.peak - 6 * u.numel() * 4 - 4 * kernel_bytes
 
 
-@pytest.mark.parametrize("impl, batch, length", [("fft", 16, 100), ("fft", 15, 100), ("toeplitz", 4, 60)])
+@pytest.mark.parametrize("impl, batch, length", [("fft", 16, 100), ("fft", 15, 100), ("toeplitz", 4, 60),
+                                                  ("direct", 8, 36)])
 def test_training_step_stays_inside_its_memory_budget(impl, batch, length, monkeypatch):
     """``_slice_bytes`` is not below what a channel's forward + backward takes, so ``chunk_bytes`` bounds a step's
     transient memory (``work_bytes``), in one slice and in several, and by default within ``chunk_budget``."""
     dim = 24
-    layer = MRConv(dim, length, 7, conv_impl=impl)
+    layer = MRConv(dim, length, 7 if length > 36 else 3, conv_impl="auto" if impl == "direct" else impl)
+    assert layer._impl(length, torch.device("cpu"), training=True) == impl
     assert layer.num_branches == 5
     u = torch.randn(batch, dim, length, requires_grad=True)
     grad = torch.randn_like(u)
@@ -568,10 +572,11 @@ def test_training_form_backward_has_no_index_scatter():
     assert "BranchConvBatchNormBackward" in names and not any("Index" in n for n in names)
 
 
-def test_bf16_autocast_training_form_follows_fp32():
+@pytest.mark.parametrize("length", [40, 30])  # the merged-kernel path; the direct one
+def test_bf16_autocast_training_form_follows_fp32(length):
     layer = MRConv(4, 40, 5)
     fp32 = copy.deepcopy(layer)
-    x = (torch.randn(3, 4, 40) + 0.5).bfloat16().requires_grad_()
+    x = (torch.randn(3, 4, length) + 0.5).bfloat16().requires_grad_()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = layer(x)
     y.float().square().sum().backward()
@@ -602,4 +607,6 @@ def test_function_gradcheck():
             lambda *a: BranchConvBatchNorm.apply(*a, 1e-5, impl, 2**20)[0], (u, kernels, alpha, gamma, beta))
     one = [kernels[:, :1]] + [t[:1] for t in (alpha, gamma, beta)]  # the first branch alone
     one = [t.detach().clone().requires_grad_() for t in one]
-    assert torch.autograd.gradcheck(lambda *a: ToeplitzBatchNorm.apply(*a, 1e-5)[0], (u, *one))
+    for args in ((u, kernels, alpha, gamma, beta), (u, *one)):
+        for budget in (2**20, 1):  # one slice, one channel a slice
+            assert torch.autograd.gradcheck(lambda *a: ToeplitzBatchNorm.apply(*a, 1e-5, budget)[0], args)
