@@ -54,9 +54,10 @@ class MRConv(nn.Module):
         n_sparse: non-zero taps per branch and channel (``sparse``, ``fourier_sparse``).
         seed: seed of the sparse tap positions (a buffer saved with the model, never resampled).
         conv_impl: ``auto`` (Toeplitz matmul up to ``TOEPLITZ_MAX_LEN`` of the device type, FFT above; in training
-            ``TOEPLITZ_MAX_LEN_TRAIN``, below ``DIRECT_MAX_LEN_TRAIN`` the branches' matrices directly), ``fft``, ``toeplitz`` or ``triton`` (Triton Toeplitz tiles up to
-            ``kernels.TRITON_MAX_LEN``, the fused Triton FFT above; on CUDA, or the CPU under
-            ``TRITON_INTERPRET=1``; elsewhere, as on a CPU copy of the model that fvcore counts, what ``auto`` picks).
+            ``TOEPLITZ_MAX_LEN_TRAIN``, and up to ``DIRECT_MAX_LEN_TRAIN`` the branches' matrices directly), ``fft``,
+            ``toeplitz`` or ``triton`` (Triton Toeplitz tiles up to ``kernels.TRITON_MAX_LEN``, the fused Triton FFT
+            above; on CUDA, or the CPU under ``TRITON_INTERPRET=1``; elsewhere, as on a CPU copy of the model that
+            fvcore counts, what ``auto`` picks).
         inference_mode: build the fused single-kernel form directly (to load a fused ``state_dict``).
         device, dtype: where and in which dtype the parameters are created (timm's factory keywords).
     """
