@@ -77,6 +77,12 @@ def _merged(fwd: torch.Tensor, bwd: torch.Tensor | None, weights: torch.Tensor, 
     return K.LongConv(K.weighted_sum(fwd, weights), None if bwd is None else K.weighted_sum(bwd, weights), length, impl)
 
 
+def _affine_grads(alpha: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, sum_g: torch.Tensor,
+                  sum_g_chat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``d alpha``, ``d gamma``, ``d beta`` (N, D) from ``G0`` (D) and ``G1`` (N, D) (the module docstring)."""
+    return gamma * sum_g_chat + beta * sum_g, alpha * sum_g_chat, alpha * sum_g.expand_as(alpha)
+
+
 class BranchConvBatchNorm(torch.autograd.Function):
     """``(u, kernels, alpha, gamma, beta)`` -> ``(y, mean, var)``: the training form with batch statistics.
 
@@ -164,11 +170,8 @@ class BranchConvBatchNorm(torch.autograd.Function):
             grad_k[0, :, sl, : kf.shape[-1]] = kf
             if kb is not None:
                 grad_k[1, :, sl, : kb.shape[-1]] = kb
-        grad_alpha = gamma * sum_g_chat + beta * sum_g
-        grad_gamma = alpha * sum_g_chat
-        grad_beta = alpha * sum_g.expand_as(alpha)
         grad_u = None if grad_u is None else grad_u.to(u.dtype)
-        return grad_u, grad_k, grad_alpha, grad_gamma, grad_beta, None, None, None
+        return grad_u, grad_k, *_affine_grads(alpha, gamma, beta, sum_g, sum_g_chat), None, None, None
 
 
 class ToeplitzBatchNorm(torch.autograd.Function):
@@ -241,9 +244,8 @@ class ToeplitzBatchNorm(torch.autograd.Function):
             grad_k[0, :, sl, : fwd.shape[-1]] = lags[..., length - 1: length - 1 + fwd.shape[-1]]
             if bwd is not None:
                 grad_k[1, :, sl, : bwd.shape[-1]] = lags[..., length - 1 - bwd.shape[-1]: length - 1].flip(-1)
-        grad_alpha = gamma * sum_g_chat + beta * sum_g
         grad_u = None if grad_u is None else grad_u.to(u.dtype)
-        return grad_u, grad_k, grad_alpha, alpha * sum_g_chat, alpha * sum_g.expand_as(alpha), None, None
+        return grad_u, grad_k, *_affine_grads(alpha, gamma, beta, sum_g, sum_g_chat), None, None
 
 
 class BranchBatchNorm(nn.BatchNorm1d):
@@ -287,7 +289,7 @@ class BranchBatchNorm(nn.BatchNorm1d):
         u = u.contiguous()
         args = (u, kernels.to(dtype), alpha.to(dtype), v(self.weight).to(dtype), v(self.bias).to(dtype), self.eps)
         budget = self.chunk_bytes or chunk_budget(batch)
-        if impl == "direct" or (impl == "toeplitz" and self.num_branches == 1):
+        if impl == "direct":
             y, mean, var = ToeplitzBatchNorm.apply(*args, budget)
         else:
             y, mean, var = BranchConvBatchNorm.apply(*args, impl, budget)

@@ -205,6 +205,8 @@ class MRConv(nn.Module):
     def _impl(self, length: int, device: torch.device, training: bool = False) -> str:
         """How to convolve a length-``length`` input: ``fft``, ``toeplitz`` or ``triton`` (``kernels.LongConv``), or in
         training ``direct`` (``branch_norm.ToeplitzBatchNorm``)."""
+        if training and self.conv_impl == "toeplitz" and self.num_branches == 1:
+            return "direct"  # one branch's Toeplitz matrix needs no merged kernel
         if self.conv_impl in ("fft", "toeplitz") or (self.conv_impl == "triton" and K.triton_runs_on(device)):
             return self.conv_impl  # LongConv picks the Triton kernel by length
         if training:
