@@ -15,10 +15,11 @@ from train.host import retain_freed_memory
 torch.set_num_threads(1)
 if sys.argv[1] == "retain":
     assert retain_freed_memory()
-layer = MRConv(40, 256, 28)  # MRConvNeXt-atto's first stage at 64 px
-# batch 128: its FFT temporaries (52 MB) are past the 32 MiB cap of glibc's adaptive mmap threshold, so by default
-# every step maps them afresh; at batch 16 (6.5 MB) glibc's adaptation makes the default vary from run to run
-u = torch.randn(128, 40, 256, requires_grad=True)
+layer = MRConv(160, 256, 28)  # MRConvNeXt-atto's first stage at 64 px, four times as wide
+# batch 128: its FFT temporaries (one branch's spectra, 42 MB) are past the 32 MiB cap of glibc's adaptive mmap
+# threshold, so by default every step maps them afresh; below the cap (40 channels: 10.5 MB since the FFT path works
+# one branch at a time) glibc's adaptation makes the default vary from run to run
+u = torch.randn(128, 160, 256, requires_grad=True)
 for _ in range(2):
     layer(u).sum().backward()
 faults = []
