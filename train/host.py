@@ -5,7 +5,8 @@ blocks up to 32 MiB; the heap top is trimmed past twice that). A training step f
 temporaries every step, so each step page-faults them in again. MRConv's training form suffers most (its FFT
 buffers): measured on the 2-core development machine (one MRConv at MRConvNeXt-atto's first stage, 64 px, batch
 16, 1 thread, `ru_minflt`), 3,600-8,000 page faults per training step by default, 0-220 with freed memory kept;
-a whole MRConvNeXt-atto step 208-227 ms -> 185-188 ms (ConvNeXt-atto: no faults either way, 115-134 ms).
+a whole MRConvNeXt-atto step 208-227 ms -> 185-188 ms (ConvNeXt-atto: no faults either way, 115-134 ms). Since the
+FFT path works one branch at a time (smaller temporaries), the same layer: 0-2,200 faults a step by default, 0-960 kept.
 ``retain_freed_memory`` keeps it, as PyTorch's CUDA caching allocator does on GPUs: the process stays near its
 peak resident size. GPU ranks do not call it.
 """
