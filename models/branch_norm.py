@@ -14,8 +14,8 @@ only through per-branch reductions (MRCONV.md section 6):
 The branch outputs are produced a slice of channels at a time (the statistics are per channel, so a slice holds all
 it needs), reduced and dropped; backward recomputes them from the saved input. Nothing of shape ``(B, N, D, L)``
 outlives a slice. The statistics are the reference's (batch and output positions), so the result is the same model.
-Two ways to get there: ``BranchConvBatchNorm`` (y as one convolution with the merged kernel; FFTs or Toeplitz
-operators) and, for short inputs, ``ToeplitzBatchNorm`` (every branch's Toeplitz matrix in one batched matmul).
+Two ways to get there: ``BranchConvBatchNorm`` (FFTs, or Toeplitz operators and y as one convolution with the merged
+kernel) and, for short inputs, ``ToeplitzBatchNorm`` (every branch's Toeplitz matrix in one batched matmul).
 """
 from __future__ import annotations
 
@@ -91,11 +91,14 @@ class BranchConvBatchNorm(torch.autograd.Function):
     (N, D) are returned for the running statistics and carry no gradient.
 
     Per channel slice, forward: the means from prefix sums (``kernels.window_means``), the centred branch outputs
-    (one transform of N) only for their variance, then ``y`` as ONE convolution with the merged kernel
-    ``sum_i a_i k_i`` plus a bias. Backward: the merged kernel's adjoint and correlation with ``g - G0 / M`` give
-    ``d u``'s BatchNorm-free part, every ``d k_i``'s first term and ``G1_i = invstd_i * (k_i . corr)``; the centred
-    branch outputs, recomputed and scaled by ``-a_i G1_i invstd_i / M``, give the rest. A single branch (``L <= l0``)
-    needs no merged kernel: its centred output is ``y`` up to an affine map, computed once each way.
+    (one transform of N) for their variance, then ``y = sum_i a_i (c_i - mean_i)`` plus a bias: on the FFT path
+    summed from those outputs as each comes (``LongConv.scaled_sum``), otherwise as ONE convolution with the merged
+    kernel ``sum_i a_i k_i``. Backward: the merged kernel's adjoint and correlation with ``g - G0 / M`` give ``d u``'s
+    BatchNorm-free part, every ``d k_i``'s first term and ``G1_i = invstd_i * (k_i . corr)``; the centred branch
+    outputs, recomputed and scaled by ``-a_i G1_i invstd_i / M``, give the rest. On the FFT path the first part stays
+    spectra (``G1`` by Parseval, ``LongConv.kernel_dots``) added to the branches' before their inverse transforms, so
+    a step takes 3N + 4 transforms of the batch where the merged kernel's own took two more. A single branch
+    (``L <= l0``) needs no merged kernel: its centred output is ``y`` up to an affine map, computed once each way.
     """
 
     @staticmethod
@@ -117,6 +120,13 @@ class BranchConvBatchNorm(torch.autograd.Function):
                 var[:, sl] = torch.linalg.vecdot(centred, centred).sum(dim=0)[None] / count
                 scale = alpha[0, sl] * gamma[0, sl] * torch.rsqrt(var[0, sl] + eps)
                 torch.addcmul(shift[sl, None], centred, scale[:, None], out=y[:, sl])
+            elif op.impl == "fft":  # y summed from the centred outputs as they come, no merged kernel
+                def slope(i, square_sums, sl=sl):
+                    var[i, sl] = square_sums / count
+                    return alpha[i, sl] * gamma[i, sl] * torch.rsqrt(var[i, sl] + eps)
+
+                out, _ = op.scaled_sum(prepared, mean[:, sl], slope)
+                y[:, sl] = out + shift[sl, None]
             else:
                 var[:, sl] = op.centred_square_sums(prepared, mean[:, sl]) / count
                 scale = alpha[:, sl] * gamma[:, sl] * torch.rsqrt(var[:, sl] + eps)
@@ -154,6 +164,16 @@ class BranchConvBatchNorm(torch.autograd.Function):
                 g1 = torch.linalg.vecdot(chat, centred_g).sum(dim=0)
                 dc = centred_g.mul_(a[:, sl, None]).sub_(chat.mul_((a[:, sl] * g1 / count)[..., None]))
                 du, kf, kb = op.backward(dc, prepared, input_grad)
+            elif op.impl == "fft":  # the first term's spectra folded into the branches' backward
+                centred_g = op.prepare(centred_g[:, 0])
+                cross = op.cross_spectrum(centred_g, prepared)  # of sum_b corr(g - G0/M, u)
+                g1 = invstd[:, sl] * op.kernel_dots(cross, prepared.packed)
+                weight = -a[:, sl] * g1 / count
+                first = None
+                if input_grad:
+                    first = centred_g.spectrum.mul_(op.weighted_spectrum(a[:, sl], prepared.packed).conj())
+                du, kf, kb = op.backward_conv(prepared, weight * invstd[:, sl], mean[:, sl], input_grad, first,
+                                              a[:, sl, None] * cross)
             else:
                 # the first term through the merged kernel
                 du, corr_f, corr_b = _merged(f, b, a[:, sl], length, ctx.impl).backward(centred_g, prepared, input_grad)

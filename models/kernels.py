@@ -304,6 +304,45 @@ class LongConv:
             out = out - center[..., None]
         return out if scale is None else out * scale[..., None]
 
+    def scaled_sum(self, x: Spectrum, center: torch.Tensor, slope) -> tuple[torch.Tensor, torch.Tensor]:
+        """FFT only: ``sum_i s_i * (k_i * u - center_i)`` with every ``s_i = slope(i, q_i)`` (D) chosen from ``q_i``,
+        that output's centred square sum over batch and the L outputs: -> ((B, D, L), q (K, D)). One inverse transform
+        per kernel, each output reduced and added in as it comes (a convolution with the merged kernel would take one
+        transform more, and its kernel's)."""
+        sums, total = [], None
+        for i, out in enumerate(self._branch_outputs(x, None, center)):
+            window = torch.view_as_real(out[..., : self.length]) if x.packed else out[..., : self.length]
+            flat = window.flatten(-2) if x.packed else window  # packed: |z|^2 = re^2 + im^2 sums both rows
+            sums.append(torch.linalg.vecdot(flat, flat).sum(dim=0))
+            s = slope(i, sums[-1])
+            s = s[:, None, None] if x.packed else s[:, None]
+            total = window * s if total is None else total.addcmul_(window, s)
+        if x.packed:  # (B/2, D, L, 2) -> rows 2j (real parts) and 2j + 1 (imaginary parts)
+            total = total.permute(0, 3, 1, 2).reshape(x.batch, *total.shape[1:3])
+        return total, torch.stack(sums)
+
+    def cross_spectrum(self, g: Spectrum, x: Spectrum) -> torch.Tensor:
+        """The spectrum (D, bins) of ``sum_b corr(g_b, u_b)``, both prepared: ``sum_b G conj(X)``, in the layout that
+        ``_spectral_backward`` inverts (packed: the real part of the inverse is the correlation)."""
+        return (g.spectrum * x.spectrum.conj().resolve_conj()).sum(dim=0)
+
+    def kernel_dots(self, cross: torch.Tensor, packed: bool) -> torch.Tensor:
+        """``sum_lag k_i[lag] c[lag]`` over every kernel's taps, ``c`` the correlation whose spectrum ``cross`` is
+        (``cross_spectrum``): (K, D) by Parseval, ``Re sum_f conj(K_f) C_f / n`` over all n bins, with no inverse
+        transform (real FFTs hold half the bins: the others are their conjugates, so those between count twice)."""
+        kernels = self._kernel_spectrum(packed)
+        if not packed:
+            weight = torch.full((cross.shape[-1],), 2.0, dtype=cross.real.dtype, device=cross.device)
+            weight[0] = 1.0
+            if self.n % 2 == 0:
+                weight[-1] = 1.0
+            cross = cross * weight
+        return torch.linalg.vecdot(kernels, cross).real / self.n
+
+    def weighted_spectrum(self, weights: torch.Tensor, packed: bool) -> torch.Tensor:
+        """The spectrum of the merged kernel ``sum_i w_i k_i`` (D, bins) from the kernels' own, ``weights`` (K, D)."""
+        return (self._kernel_spectrum(packed) * weights[..., None]).sum(dim=0)
+
     def centred_square_sums(self, x: torch.Tensor | Spectrum, center: torch.Tensor) -> torch.Tensor:
         """``sum_{b,t} (k_i * u - center_i)^2`` over batch and the L outputs: (K, D), the outputs never kept."""
         if self.impl == "fft":  # packed: |z|^2 = re^2 + im^2 sums both rows of a pair
@@ -323,10 +362,18 @@ class LongConv:
         return torch.linalg.vecdot(out, out).sum(dim=0)
 
     def backward_conv(self, x: torch.Tensor | Spectrum, scale: torch.Tensor, center: torch.Tensor,
-                      input_grad: bool = True) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
+                      input_grad: bool = True, grad_spectrum: torch.Tensor | None = None,
+                      cross: torch.Tensor | None = None
+                      ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
         """``backward(conv(x, scale, center), x)``: the gradients that its own centred, scaled outputs send back,
-        without keeping them (the FFT transforms them back in their own buffer: no unpacking, no padded copy)."""
+        without keeping them (the FFT transforms them back in their own buffer: no unpacking, no padded copy).
+
+        FFT only: ``grad_spectrum`` (the input's layout) and ``cross`` (K, D, bins, as ``cross_spectrum`` gives it)
+        are further terms of the input gradient's spectrum and of every kernel's correlation, added before their
+        inverse transforms, so another backward shares them."""
         if self.impl != "fft":
+            if grad_spectrum is not None or cross is not None:
+                raise ValueError("LongConv.backward_conv: spectral terms are for impl='fft'")
             return self.backward(self.conv(x, scale, center), x, input_grad)
 
         def spectra():
@@ -334,7 +381,7 @@ class LongConv:
                 out[..., self.length:] = 0  # the linear convolution's outputs only
                 yield torch.fft.fft(out) if x.packed else torch.fft.rfft(out)
 
-        return self._spectral_backward(spectra(), x, input_grad, x.batch)
+        return self._spectral_backward(spectra(), x, input_grad, x.batch, grad_spectrum, cross)
 
     def adjoint(self, dc: torch.Tensor) -> torch.Tensor:
         """``sum_i k_i^T dc_i``: (B, K, D, L) -> (B, D, L), the gradient of ``conv`` with respect to its input."""
@@ -375,18 +422,21 @@ class LongConv:
             bwd = lags[..., length - 1 - self.len_bwd: length - 1].flip(-1)
         return grad_u, fwd, (bwd if self.has_bwd else None)
 
-    def _spectral_backward(self, dc_spectra, x: Spectrum | None, input_grad: bool, batch: int
+    def _spectral_backward(self, dc_spectra, x: Spectrum | None, input_grad: bool, batch: int,
+                           grad_f: torch.Tensor | None = None, cross: torch.Tensor | None = None
                            ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
         """``backward`` from the spectra of ``dc``, one kernel at a time (an iterable of ``_forward_fft``'s layout):
-        the adjoint's spectrum summed over kernels, each kernel's batch-summed correlation; no (B, K, D, n) tensor."""
+        the adjoint's spectrum summed over kernels (onto ``grad_f`` if given), each kernel's batch-summed correlation
+        (plus ``cross[i]`` if given); no (B, K, D, n) tensor."""
         grad_u = fwd = bwd = None
         packed = packs_pairs(batch)
         kernels = self._kernel_spectrum(packed)
         conj_x = None if x is None else x.spectrum.conj().resolve_conj()
-        grad_f, products = None, []
+        products = []
         for i, dc_f in enumerate(dc_spectra):
             if conj_x is not None:
-                products.append((dc_f * conj_x).sum(dim=0))
+                product = (dc_f * conj_x).sum(dim=0)
+                products.append(product if cross is None else product.add_(cross[i]))
             if input_grad:
                 grad_f = dc_f.mul_(kernels[i].conj()) if grad_f is None else grad_f.addcmul_(dc_f, kernels[i].conj())
         if input_grad:

@@ -171,6 +171,62 @@ def test_centred_scaled_outputs_and_their_backward_equal_naive(impl, length, bid
                 torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("length", [1, 6, 13])
+@pytest.mark.parametrize("bidirectional", [True, False])
+def test_fft_spectral_pieces_equal_their_time_domain_forms(length, bidirectional):
+    """The FFT path's shortcuts against what they replace: ``scaled_sum`` against the centred outputs summed with
+    slopes chosen from their own square sums, ``kernel_dots`` (Parseval) against ``sum_lag k[lag] corr[lag]`` of the
+    correlation that ``kernel_grad`` gives, ``backward_conv``'s spectral terms against adding their time-domain
+    gradients; odd and even batches and an even and an odd FFT size (real FFTs weigh their bins)."""
+    torch.manual_seed(length)
+    for batch in (1, 2, 3, 4):
+        u = torch.randn(batch, 3, length, dtype=torch.float64) + 0.7
+        g = torch.randn(batch, 3, length, dtype=torch.float64)
+        kernels = torch.randn(2 if bidirectional else 1, 2, 3, length + 2, dtype=torch.float64)
+        fwd, bwd = K.truncate(kernels, length)
+        op = K.LongConv(fwd, bwd, length, "fft")
+        prepared = op.prepare(u)
+        mean = K.window_means(u, fwd, bwd)
+        centred = op.conv(prepared, center=mean)  # (B, 2, 3, L), checked against the naive loop above
+        square_sums = centred.square().sum(dim=(0, 3))
+        chosen = []
+
+        def slope(i, sums):
+            chosen.append(sums)
+            return 1.0 / (sums + 1.0)
+
+        total, sums = op.scaled_sum(prepared, mean, slope)
+        torch.testing.assert_close(sums, square_sums, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(torch.stack(chosen), square_sums, rtol=1e-10, atol=1e-10)
+        want = (centred / (square_sums + 1.0)[..., None]).sum(dim=1)
+        torch.testing.assert_close(total, want, rtol=1e-10, atol=1e-10)
+
+        # sum_lag k_i[lag] corr[lag], corr = sum_b corr(g_b, u_b): the kernel gradient of conv with dc_i = g
+        dk_fwd, dk_bwd = op.kernel_grad(g[:, None].expand(-1, 2, -1, -1), prepared)
+        dots = (fwd * dk_fwd).sum(dim=-1) + (0 if bwd is None else (bwd * dk_bwd).sum(dim=-1))
+        g_prepared = op.prepare(g)
+        cross = op.cross_spectrum(g_prepared, prepared)
+        torch.testing.assert_close(op.kernel_dots(cross, prepared.packed), dots, rtol=1e-10, atol=1e-10)
+
+        # backward_conv's extra terms: the merged kernel's adjoint of g and every kernel's correlation with g
+        scale, weights = torch.rand(2, 3, dtype=torch.float64), torch.rand(2, 3, dtype=torch.float64)
+        first = g_prepared.spectrum * op.weighted_spectrum(weights, prepared.packed).conj()
+        got = op.backward_conv(prepared, scale, mean, True, first, weights[..., None] * cross)
+        du, kf, kb = op.backward_conv(prepared, scale, mean)
+        merged = K.LongConv(K.weighted_sum(fwd, weights), None if bwd is None else K.weighted_sum(bwd, weights),
+                            length, "fft")
+        want = (du + merged.adjoint(g[:, None]), kf + weights[..., None] * dk_fwd,
+                None if bwd is None else kb + weights[..., None] * dk_bwd)
+        for a, b in zip(got, want):
+            if b is None:
+                assert a is None
+            else:
+                torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    toeplitz = K.LongConv(fwd, bwd, length, "toeplitz")
+    with pytest.raises(ValueError, match="impl='fft'"):
+        toeplitz.backward_conv(u, scale, mean, True, None, cross)
+
+
 def test_packed_pairs_round_trip():
     x = torch.randn(6, 2, 7)
     z = K.pack_pairs(x)
