@@ -122,10 +122,10 @@ class BranchConvBatchNorm(torch.autograd.Function):
                 torch.addcmul(shift[sl, None], centred, scale[:, None], out=y[:, sl])
             elif op.impl == "fft":  # y summed from the centred outputs as they come, no merged kernel
                 def slope(i, square_sums, sl=sl):
-                    var[i, sl] = square_sums / count
-                    return alpha[i, sl] * gamma[i, sl] * torch.rsqrt(var[i, sl] + eps)
+                    return alpha[i, sl] * gamma[i, sl] * torch.rsqrt(square_sums / count + eps)
 
-                out, _ = op.scaled_sum(prepared, mean[:, sl], slope)
+                out, square_sums = op.scaled_sum(prepared, mean[:, sl], slope)
+                var[:, sl] = square_sums / count
                 y[:, sl] = out + shift[sl, None]
             else:
                 var[:, sl] = op.centred_square_sums(prepared, mean[:, sl]) / count
