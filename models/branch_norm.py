@@ -121,8 +121,10 @@ class BranchConvBatchNorm(torch.autograd.Function):
                 scale = alpha[0, sl] * gamma[0, sl] * torch.rsqrt(var[0, sl] + eps)
                 torch.addcmul(shift[sl, None], centred, scale[:, None], out=y[:, sl])
             elif op.impl == "fft":  # y summed from the centred outputs as they come, no merged kernel
-                def slope(i, square_sums, sl=sl):
-                    return alpha[i, sl] * gamma[i, sl] * torch.rsqrt(square_sums / count + eps)
+                gain = alpha[:, sl] * gamma[:, sl]
+
+                def slope(i, square_sums, gain=gain):
+                    return torch.rsqrt(square_sums / count + eps).mul_(gain[i])
 
                 out, square_sums = op.scaled_sum(prepared, mean[:, sl], slope)
                 var[:, sl] = square_sums / count

@@ -155,7 +155,7 @@ def antidiagonal_sums(matrices: torch.Tensor, row_block: int | None = None) -> t
         width = length + rows - 1  # the block's anti-diagonals
         padded = F.pad(block, (0, rows))  # row i, then zeros: reading rows of ``width`` shifts row i by i
         skewed = padded.reshape(*lead, rows * (length + rows))[..., : rows * width]
-        out[..., start: start + width] += skewed.reshape(*lead, rows, width).sum(dim=-2)
+        out[..., start: start + width].add_(skewed.reshape(*lead, rows, width).sum(dim=-2))
     return out
 
 
@@ -262,28 +262,39 @@ class LongConv:
         """The kernels' spectrum in the input's layout: all n bins (packed), the first n//2+1 (real FFTs)."""
         return self.operator if packed else self.operator[..., : self.n // 2 + 1]
 
-    def _spectral_product(self, x: Spectrum, scale: torch.Tensor | None, center: torch.Tensor | None,
-                          branch: int | None = None) -> torch.Tensor:
-        """The spectrum of ``(k_i * u - center_i) * scale_i`` (circular, n points): (B or B/2, K, D, bins), or of one
-        ``branch`` i: (B or B/2, D, bins)."""
-        spectrum = self._kernel_spectrum(x.packed)
-        if branch is not None:
-            spectrum, scale, center = (None if t is None else t[branch] for t in (spectrum, scale, center))
+    def _spectral_product(self, x: Spectrum, scale: torch.Tensor | None, center: torch.Tensor | None
+                          ) -> torch.Tensor:
+        """The spectrum of ``(k_i * u - center_i) * scale_i`` for every kernel (circular, n points): (B or B/2, K, D,
+        bins)."""
+        spectrum, shift = self._spectral_factors(x.packed, scale, center)
+        product = x.spectrum.unsqueeze(1) * spectrum
+        if shift is not None:
+            product[..., 0].sub_(shift)
+        return product
+
+    def _spectral_factors(self, packed: bool, scale: torch.Tensor | None, center: torch.Tensor | None
+                          ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The kernels' spectra times ``scale`` (K, D, bins) and what ``center`` takes off their products' DC bin: a
+        constant on every output (both rows of a packed pair) is n times it there. Made once for all kernels, so a
+        loop over them takes two operations a kernel."""
+        spectrum = self._kernel_spectrum(packed)
         if scale is not None:
             spectrum = spectrum * scale[..., None]
-        product = x.spectrum * spectrum if branch is not None else x.spectrum.unsqueeze(1) * spectrum
-        if center is not None:  # a constant on every output (both packed rows): the DC bin carries n times it
-            shift = self.n * (center if scale is None else center * scale)
-            product[..., 0] -= torch.complex(shift, shift) if x.packed else shift
-        return product
+        if center is None:
+            return spectrum, None
+        shift = self.n * (center if scale is None else center * scale)
+        return spectrum, (torch.complex(shift, shift) if packed else shift)
 
     def _branch_outputs(self, x: Spectrum, scale: torch.Tensor | None, center: torch.Tensor | None):
         """``(k_i * u - center_i) * scale_i`` one branch at a time, as the inverse FFT leaves it: (B/2, D, n) complex
         (packed) or (B, D, n) real, valid on the first L points. Per branch, the (B, D, n) work of a layer stays in
         the CPU's caches where the (B, K, D, n) one did not (MRConvNeXt-atto's first stage, 64 px, batch 16: the
         backward's recomputation 4.7 ms a layer instead of 6.5)."""
-        for i in range(self.operator.shape[0]):
-            product = self._spectral_product(x, scale, center, i)
+        spectra, shifts = self._spectral_factors(x.packed, scale, center)
+        for i in range(spectra.shape[0]):
+            product = x.spectrum * spectra[i]
+            if shifts is not None:
+                product[..., 0].sub_(shifts[i])
             yield torch.fft.ifft(product) if x.packed else torch.fft.irfft(product, n=self.n)
 
     def conv(self, x: torch.Tensor | Spectrum, scale: torch.Tensor | None = None, center: torch.Tensor | None = None
@@ -435,8 +446,7 @@ class LongConv:
         products = []
         for i, dc_f in enumerate(dc_spectra):
             if conj_x is not None:
-                product = (dc_f * conj_x).sum(dim=0)
-                products.append(product if cross is None else product.add_(cross[i]))
+                products.append((dc_f * conj_x).sum(dim=0))
             if input_grad:
                 grad_f = dc_f.mul_(kernels[i].conj()) if grad_f is None else grad_f.addcmul_(dc_f, kernels[i].conj())
         if input_grad:
@@ -444,7 +454,7 @@ class LongConv:
         if conj_x is not None:
             # packed: sum_j DZ_j conj(X_j) = (the wanted correlation) + i (cross terms, real in time): keep the real
             # part of its inverse transform
-            product = torch.stack(products)
+            product = torch.stack(products) if cross is None else torch.stack(products).add_(cross)
             corr = torch.fft.ifft(product).real if packed else torch.fft.irfft(product, n=self.n)
             fwd, bwd = self._lags(corr)
         return grad_u, fwd, (bwd if self.has_bwd else None)
