@@ -18,8 +18,10 @@ def test_layer_benchmark_prints_every_stage_and_a_summary(mode, capsys):
     assert out[-1].startswith("summary:") and out[-1].count("x") >= 4
     if "--train" in mode:  # the peak memory of a step, from the tensors on the CPU (timing.LiveBytes)
         for row in rows:
-            train_mib, dw_mib = map(float, row.split("|")[-1].split())
+            train_mib, dw_mib = map(float, row.split("|")[-2].split())
             assert train_mib > dw_mib > 0  # N branches' transients against one conv's
+            train_ops, dw_ops = (int(v.replace(",", "")) for v in row.split("|")[-1].split())
+            assert train_ops > dw_ops > 0  # the operations a step runs (timing.count_ops)
 
 
 def test_live_bytes_count_the_tensors_made_and_their_peak():
@@ -36,6 +38,21 @@ def test_live_bytes_count_the_tensors_made_and_their_peak():
         d = torch.empty(500, dtype=torch.float64)  # 4,000
     assert (live.live, live.peak) == (4_000, 12_000)
     del d
+
+
+def test_count_ops_counts_what_computes():
+    """Views and empty allocations run no kernel; every other operation, in place or not, counts once."""
+    a, b = torch.randn(4, 5), torch.randn(4, 5)
+
+    def step():
+        c = a + b  # 1
+        v = c.view(-1)[2:].unsqueeze(0)  # views: 0
+        v.mul_(2)  # 1
+        torch.empty(3)  # 0
+        return (c * b).sum(dim=0)  # 2
+
+    assert timing.count_ops(step) == 4
+    assert timing.count_ops(lambda: torch.nn.functional.linear(a, b)) == 1  # the transpose is a view
 
 
 def test_lengths_pick_the_stages(capsys):

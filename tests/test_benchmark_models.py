@@ -29,7 +29,7 @@ def test_cli_writes_timm_columns_with_both_forms_side_by_side(tmp_path, capsys):
     assert bench.main(argv) == 0
     columns, rows = read(out)
     assert columns == TIMM_BENCH_COLUMNS + PEAK_MEM + ["train_samples_per_sec", "train_step_time",
-                                                       "train_peak_mem_gib"]
+                                                       "train_peak_mem_gib", "train_ops"]
     assert [r["model"] for r in rows] == ["mrconvnext_atto@fused", "mrconvnext_atto@unfused", "convnext_atto"]
     for r in rows:
         assert float(r["infer_samples_per_sec"]) > 0 and float(r["train_samples_per_sec"]) > 0
@@ -39,6 +39,8 @@ def test_cli_writes_timm_columns_with_both_forms_side_by_side(tmp_path, capsys):
     fused, unfused = rows[0], rows[1]
     assert float(fused["param_count"]) < float(unfused["param_count"])
     assert fused["infer_gmacs"] != "" and fused["train_step_time"] == unfused["train_step_time"]  # same train form
+    # the operations a step runs: N branches, per-branch BatchNorm and their transforms against one 7x7 conv
+    assert fused["train_ops"] == unfused["train_ops"] and int(unfused["train_ops"]) > int(rows[2]["train_ops"]) > 0
     meta = json.loads((tmp_path / "b.csv.json").read_text())
     assert meta["fft_convention"] == FFT_CONVENTION and "CPU" in meta["machine"]
     assert meta["settings"]["batch_size"] == 2 and meta["forms"]["convnext_atto"] == "-"

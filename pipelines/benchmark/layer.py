@@ -10,7 +10,8 @@ variants interleaved in one run:
 * training (``--train``: forward + backward in train mode): the training form (N branches, per-branch BatchNorm with
   batch statistics), the fused single kernel being trained, and the 7x7 depthwise conv, with the peak memory a step
   of the training form and of the depthwise conv allocates beyond its input, parameters and gradient (the
-  allocator's on a GPU, the tensors' on the CPU: ``timing.peak_memory_gib``).
+  allocator's on a GPU, the tensors' on the CPU: ``timing.peak_memory_gib``), and the operations a step runs
+  (``timing.count_ops``: about one kernel launch each on a GPU, a host-side cost per step whatever the batch).
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from models import kernels as K
 from models.mrconv import CONV_IMPLS
 from models.mrconvnext import STAGE_L0
 
-from .timing import interleaved, machine_description, peak_bandwidth_gbs, peak_memory_gib
+from .timing import count_ops, interleaved, machine_description, peak_bandwidth_gbs, peak_memory_gib
 
 STAGES = [(96, 56), (192, 28), (384, 14), (768, 7)]  # ConvNeXt-T channels and feature map side at 224
 
@@ -73,7 +74,8 @@ def main(argv: list[str]) -> int:
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp == "bf16")
     if args.train:
         header = (f"{'L':>5} {'C':>4} {'N':>2} | {'training':>10} {'fused':>10} {'dw7x7':>10} | "
-                  f"{'training/dw7x7':>14} {'training/fused':>14} | {'train MiB':>9} {'dw7x7 MiB':>9}")
+                  f"{'training/dw7x7':>14} {'training/fused':>14} | {'train MiB':>9} {'dw7x7 MiB':>9} | "
+                  f"{'train ops':>9} {'dw7x7 ops':>9}")
     else:
         header = (f"{'L':>5} {'C':>4} {'N':>2} | {'fused':>10} {'fused fft':>10} {'fused toep':>10} {'dw7x7':>10} | "
                   f"{'fused/dw7x7':>11} {'fused GB/s':>10} {'of peak':>7} {'FFT TFLOP/s':>11}")
@@ -99,13 +101,14 @@ def main(argv: list[str]) -> int:
             with autocast:
                 t = interleaved(fns, device=device, iters=args.iters, rounds=args.rounds)
                 mib = {k: peak_memory_gib(fns[k], device, 0) for k in ("training", "dw")}
+                ops = {k: count_ops(fns[k]) for k in ("training", "dw")}
             mib = {k: f"{'-':>9}" if v is None else f"{v * 1024:>9.1f}" for k, v in mib.items()}
             ms = {k: v * 1e3 for k, v in t.items()}
             ratio = t["training"] / t["dw"]
             ratios.append(ratio)
             print(f"{length:>5} {dim:>4} {layer.num_branches:>2} | {ms['training']:>8.2f}ms {ms['fused']:>8.2f}ms "
                   f"{ms['dw']:>8.2f}ms | {ratio:>13.2f}x {t['training'] / t['fused']:>13.2f}x | "
-                  f"{mib['training']} {mib['dw']}")
+                  f"{mib['training']} {mib['dw']} | {ops['training']:>9,} {ops['dw']:>9,}")
             continue
         fused = {}
         for impl in (args.conv_impl, "fft", "toeplitz"):

@@ -12,8 +12,9 @@ of one entry, so both forms of a model can run side by side. ``--model-kwargs NA
 as YAML) goes to model NAME only; a plain ``KEY=VALUE`` goes to every MRConv model of this repository (never to
 a timm peer such as ConvNeXt, which would refuse MRConv's arguments). The CSV has timm's benchmark columns plus
 the peak memory of an inference and a training step (the allocator's on a GPU, the tensors' on the CPU:
-``timing.LiveBytes``); the side file ``OUT.csv.json``
-holds the FFT counting convention of ``infer_gmacs``, the machine, the device, each model's kwargs and the
+``timing.LiveBytes``) and the operations a training step runs (``timing.count_ops``: about one kernel launch each
+on a GPU, the host-side cost of a step whatever its batch); the side file ``OUT.csv.json`` holds the FFT counting
+convention of ``infer_gmacs``, the machine, the device, each model's kwargs and the
 settings.
 """
 from __future__ import annotations
@@ -31,12 +32,12 @@ from deepspeed.accelerator import get_accelerator
 from pipelines import tables
 from train.engine import AMP_DTYPES
 
-from .timing import device_name, interleaved, machine_description, peak_memory_gib, tensor_bytes
+from .timing import count_ops, device_name, interleaved, machine_description, peak_memory_gib, tensor_bytes
 
 # timm benchmark.py's CSV columns, in its order (infer_macts: fvcore activations in millions), then peak memory.
 INFER_COLUMNS = ("model", "infer_img_size", "infer_samples_per_sec", "infer_step_time", "infer_batch_size",
                  "param_count", "infer_gmacs", "infer_macts", "infer_peak_mem_gib")
-TRAIN_COLUMNS = ("train_samples_per_sec", "train_step_time", "train_peak_mem_gib")
+TRAIN_COLUMNS = ("train_samples_per_sec", "train_step_time", "train_peak_mem_gib", "train_ops")
 FORMS = ("fused", "unfused")
 
 
@@ -140,6 +141,7 @@ class Entry:
     train_s: float | None = None
     infer_mem: float | None = None  # GiB (timing.peak_memory_gib)
     train_mem: float | None = None
+    train_ops: int | None = None  # operations a training step runs (timing.count_ops)
 
     @property
     def form(self) -> str:
@@ -251,7 +253,8 @@ def csv_rows(entries: list[Entry], args: argparse.Namespace) -> list[dict]:
                "infer_macts": "" if e.macts is None else round(e.macts, 2), "infer_peak_mem_gib": _gib(e.infer_mem)}
         if args.train:
             row.update(train_samples_per_sec=round(args.batch_size / e.train_s, 2),
-                       train_step_time=round(1000 * e.train_s, 3), train_peak_mem_gib=_gib(e.train_mem))
+                       train_step_time=round(1000 * e.train_s, 3), train_peak_mem_gib=_gib(e.train_mem),
+                       train_ops="" if e.train_ops is None else e.train_ops)
         rows.append(row)
     return rows
 
@@ -260,7 +263,7 @@ def table(entries: list[Entry], args: argparse.Namespace) -> str:
     first = entries[0]
     cols = f"{'model':<28} {'form':<7} {'params(M)':>9} {'GMACs':>7} {'infer/s':>9} {'ms/step':>9} {'vs first':>8}"
     if args.train:
-        cols += f" {'train/s':>9} {'ms/step':>9} {'vs first':>8} {'peak GiB':>8} {'vs first':>8}"
+        cols += f" {'train/s':>9} {'ms/step':>9} {'vs first':>8} {'peak GiB':>8} {'vs first':>8} {'ops':>7}"
     lines = [cols, "-" * len(cols)]
     for e in entries:
         gmacs = "-" if e.gmacs is None else f"{e.gmacs:.3f}"
@@ -271,6 +274,9 @@ def table(entries: list[Entry], args: argparse.Namespace) -> str:
                      f"{first.train_s / e.train_s:>7.2f}x")
             if e.train_mem is not None and first.train_mem:
                 line += f" {e.train_mem:>8.3f} {e.train_mem / first.train_mem:>7.2f}x"
+            else:
+                line += f" {'-':>8} {'-':>8}"
+            line += f" {'-' if e.train_ops is None else f'{e.train_ops:,}':>7}"
         lines.append(line)
     return "\n".join(lines)
 
@@ -347,8 +353,10 @@ def main(argv: list[str]) -> int:
         steps, resident = train_fns(entries, args, device)
         per_name = interleaved(steps, **timing)
         peak = {name: peak_memory_gib(step, device, resident[name]()) for name, step in steps.items()}
+        # a compiled step's kernels are not ATen operations (and a dispatch mode would retrace it)
+        ops = {name: None if args.compile else count_ops(step) for name, step in steps.items()}
         for e in entries:
-            e.train_s, e.train_mem = per_name[e.spec.name], peak[e.spec.name]
+            e.train_s, e.train_mem, e.train_ops = per_name[e.spec.name], peak[e.spec.name], ops[e.spec.name]
 
     from pipelines.flops import FFT_CONVENTION
 
@@ -371,7 +379,10 @@ def main(argv: list[str]) -> int:
                                                   "inference step allocates (the allocator's peak on a GPU, "
                                                   "the tensors' on the CPU)",
                             "train_peak_mem_gib": "GiB: weights, buffers, gradients and optimizer state plus the "
-                                                  "peak one training step allocates (as above)"}}
+                                                  "peak one training step allocates (as above)",
+                            "train_ops": "computing operations one training step runs, its SGD step included "
+                                         "(views and empty allocations left out; about one kernel launch each "
+                                         "on a GPU; blank when compiled)"}}
         tables.write_rows(args.csv, columns, csv_rows(entries, args), side=meta)
         print(f"wrote {args.csv} and {args.csv}{tables.SIDE_SUFFIX}")
     print(summary(entries))

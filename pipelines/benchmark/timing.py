@@ -74,6 +74,32 @@ class LiveBytes(TorchDispatchMode):
         return out
 
 
+# Operations that make an empty tensor: no kernel runs (the allocator's work only).
+_NO_KERNEL = frozenset({"empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided"})
+
+
+class OpCount(TorchDispatchMode):
+    """Counts the operations that compute while the mode is active (``count``): every ATen operation that reaches a
+    kernel, leaving out views and empty allocations. On a GPU that is about one kernel launch each, a host-side cost
+    a step pays whatever the batch (what CUDA graphs and ``torch.compile`` take away). Measure in a call of its own."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not func.is_view and func._schema.name.split("::")[-1] not in _NO_KERNEL:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def count_ops(fn: Callable[[], object]) -> int:
+    """How many computing operations one call of ``fn`` runs (``OpCount``)."""
+    with OpCount() as ops:
+        fn()
+    return ops.count
+
+
 def peak_memory_gib(fn: Callable[[], object], device: torch.device, resident_bytes: int) -> float | None:
     """GiB a call of ``fn`` needs: ``resident_bytes`` (its model's own tensors) plus the peak it allocates above what
     was allocated before it, so models resident side by side do not count each other. From the allocator's
