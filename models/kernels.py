@@ -355,14 +355,8 @@ class LongConv:
         return (self._kernel_spectrum(packed) * weights[..., None]).sum(dim=0)
 
     def centred_square_sums(self, x: torch.Tensor | Spectrum, center: torch.Tensor) -> torch.Tensor:
-        """``sum_{b,t} (k_i * u - center_i)^2`` over batch and the L outputs: (K, D), the outputs never kept."""
-        if self.impl == "fft":  # packed: |z|^2 = re^2 + im^2 sums both rows of a pair
-            sums = []
-            for out in self._branch_outputs(x, None, center):
-                out = (torch.view_as_real(out[..., : self.length]).flatten(-2) if x.packed
-                       else out[..., : self.length])
-                sums.append(torch.linalg.vecdot(out, out).sum(dim=0))
-            return torch.stack(sums)
+        """``sum_{b,t} (k_i * u - center_i)^2`` over batch and the L outputs: (K, D), the outputs never kept (the
+        Triton kernels reduce them on chip; the FFT path's training form takes them from ``scaled_sum`` instead)."""
         if self.impl == "triton_fft":  # reduced on chip: the outputs never reach memory
             from . import triton_fft
             return triton_fft.fft_square_sums(x, self.operator, center, *self.dft).to(center.dtype)
