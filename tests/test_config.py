@@ -42,3 +42,25 @@ def test_config_decode_key():
                                          "data.auto_augment=rand-m9-mstd0.5"]).data.auto_augment == "rand-m9-mstd0.5"
     with pytest.raises(ConfigError, match=r"data.decode=gpu runs RandAugment \('rand-...'\) on the device, not"):
         load_config("fashion_mnist", ["data.dir=x", "data.decode=gpu", "data.auto_augment=original"])
+
+
+def test_config_compile_section():
+    """compile.*: off by default, modes and backends checked with one line, and resume-safe (how the model runs,
+    not what it is): a run saved eager resumes compiled with the same fingerprint."""
+    from train.config import check_compile_backend, config_diff, fingerprint, to_dict
+
+    eager = load_config("fashion_mnist", ["data.dir=x"])
+    assert not eager.compile.enabled and eager.compile.backend == "inductor" and eager.compile.mode is None
+    compiled = load_config("fashion_mnist", ["data.dir=x", "compile.enabled=true", "compile.mode=max-autotune"])
+    assert compiled.compile.enabled and compiled.compile.mode == "max-autotune"
+    assert fingerprint(compiled) == fingerprint(eager) and config_diff(to_dict(eager), to_dict(compiled)) == []
+    with pytest.raises(ConfigError, match=r"compile.mode must be one of default, reduce-overhead, max-autotune, "
+                                          r"max-autotune-no-cudagraphs or null, got 'fast'"):
+        load_config("fashion_mnist", ["data.dir=x", "compile.mode=fast"])
+    check_compile_backend(load_config("fashion_mnist", ["data.dir=x", "compile.backend=aot_eager",
+                                                        "compile.enabled=true"]))
+    check_compile_backend(load_config("fashion_mnist", ["data.dir=x", "compile.backend=nope"]))  # not enabled
+    with pytest.raises(ConfigError, match=r"compile.backend: 'indutor' is not a torch.compile backend; did you mean "
+                                          r"'inductor'\?"):
+        check_compile_backend(load_config("fashion_mnist", ["data.dir=x", "compile.enabled=true",
+                                                            "compile.backend=indutor"]))

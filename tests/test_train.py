@@ -254,3 +254,21 @@ def test_mrconvnext_training_form_under_zero3(shards, tmp_path):
     weights = final_weights(run_dir)
     var = [v for k, v in weights.items() if k.endswith("conv_dw.norm.running_var")]
     assert var and all(not torch.allclose(v, torch.ones_like(v)) for v in var)
+
+
+@pytest.mark.slow
+def test_compiled_run_trains_as_the_eager_one(shards, tmp_path):
+    """compile.enabled: DeepSpeed's engine.compile traces MRConvNeXt's training form (its autograd Functions) and
+    the eval form its evaluation switches to, on 2 ranks; the weights after 8 updates and the validation top-1 are
+    the eager run's. The backend is aot_eager (Dynamo and AOTAutograd, as inductor gets them, without the code
+    generation that takes minutes on 2 cores; `pipelines.benchmark train --compile` runs inductor). That the model
+    traces whole is test_triton's `test_compile_fullgraph_traces_mrconvnext`."""
+    sets = ("deepspeed.precision=fp32", "schedule.epochs=1", "ema.enabled=false")
+    eager, compiled = tmp_path / "eager", tmp_path / "compiled"
+    ok(launch(eager, shards, *sets))
+    out = ok(launch(compiled, shards, *sets, "compile.enabled=true", "compile.backend=aot_eager"))
+    assert "torch.compile (backend aot_eager, mode default): the first training and evaluation steps" in out
+    # the same ATen operations (engine.compile compiles in place: the same keys, no _orig_mod. prefix): the same
+    # model as eager, bit-identical here
+    assert_same_model(final_weights(eager), final_weights(compiled))
+    assert scalars(compiled, "val/top1") == scalars(eager, "val/top1")

@@ -93,6 +93,19 @@ class DeepSpeedConfig:
     extra: dict = field(default_factory=dict)  # merged last into the generated DeepSpeed config
 
 
+# torch.compile's modes (``None``: its default).
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+@dataclass
+class CompileConfig:
+    """``torch.compile`` of the model through DeepSpeed's ``engine.compile`` (timm's ``--torchcompile``): the same
+    arithmetic in fused kernels, compiled in the first steps of each start (minutes on a CPU)."""
+    enabled: bool = False
+    backend: str = "inductor"  # any of torch._dynamo.list_backends()
+    mode: Optional[str] = None  # one of COMPILE_MODES; None: torch.compile's default
+
+
 @dataclass
 class EmaConfig:
     enabled: bool = False
@@ -123,6 +136,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    compile: CompileConfig = field(default_factory=CompileConfig)
     ema: EmaConfig = field(default_factory=EmaConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
@@ -135,6 +149,8 @@ RESUME_SAFE_KEYS = frozenset({
     "run_dir", "data.dir", "data.num_workers", "data.worker_start", "data.eval_batch_size", "checkpoint.every_steps",
     "checkpoint.keep", "logging.log_every_steps", "logging.tensorboard", "logging.progress_bar",
     "logging.eval_every_epochs", "logging.alpha_image_every_epochs", "ema.eval",
+    # how the same model is run, not what it is: a run may resume compiled or not (float rounding aside)
+    "compile.enabled", "compile.backend", "compile.mode",
 })
 
 
@@ -285,6 +301,20 @@ def check_model_name(name: str) -> None:
     raise ConfigError(f"model.name: {name!r} is not a timm model{hint}")
 
 
+def check_compile_backend(cfg: TrainConfig) -> None:
+    """An unknown ``compile.backend`` fails with the closest names (imports torch, as ``check_model_name`` does)."""
+    if not cfg.compile.enabled:
+        return
+    import torch._dynamo
+
+    backends = torch._dynamo.list_backends(exclude_tags=())
+    if cfg.compile.backend not in backends:
+        close = difflib.get_close_matches(cfg.compile.backend, backends, n=2, cutoff=0.5)
+        hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+        raise ConfigError(f"compile.backend: {cfg.compile.backend!r} is not a torch.compile backend{hint} (main "
+                          f"ones: {', '.join(torch._dynamo.list_backends())})")
+
+
 def model_kwarg_hint(model_name: str, key: str) -> str:
     """'; did you mean ...?' for a ``model.kwargs`` key the model refused: the closest argument of the model
     classes defined next to its timm entry point (where a timm family keeps its blocks and stages)."""
@@ -349,6 +379,8 @@ def check_static(cfg: TrainConfig) -> None:
         raise ConfigError(f"data.decode=gpu runs RandAugment ('rand-...') on the device, not "
                           f"{cfg.data.auto_augment!r}: set data.auto_augment to a rand- policy or null, or "
                           f"data.decode=cpu")
+    if cfg.compile.mode is not None and cfg.compile.mode not in COMPILE_MODES:
+        raise ConfigError(f"compile.mode must be one of {', '.join(COMPILE_MODES)} or null, got {cfg.compile.mode!r}")
     if len(cfg.data.scale) != 2:
         raise ConfigError(f"data.scale needs 2 values, got {cfg.data.scale}")
     if not cfg.data.dir:

@@ -7,7 +7,7 @@ from typing import Optional
 import deepspeed
 import torch
 
-from train.config import BatchPlan, DeepSpeedConfig
+from train.config import BatchPlan, CompileConfig, DeepSpeedConfig
 
 # DeepSpeed prints a line every `steps_per_print` steps; the trainer logs itself.
 _QUIET_STEPS = 10**9
@@ -41,6 +41,16 @@ def autocast_dtype(section: DeepSpeedConfig) -> Optional[torch.dtype]:
 def create_engine(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ds_config: dict):
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
     return engine
+
+
+def compile_engine(engine, section: CompileConfig) -> Optional[str]:
+    """``torch.compile`` the engine's module in place (DeepSpeed's ``engine.compile``: parameter names, checkpoints
+    and the optimizer's parameters stay those of the module) when the run's ``compile`` section asks; what was done,
+    for the log, or None. Compilation itself happens on the first forward of each mode (train, eval)."""
+    if not section.enabled:
+        return None
+    engine.compile(backend=section.backend, compile_kwargs={} if section.mode is None else {"mode": section.mode})
+    return f"torch.compile (backend {section.backend}, mode {section.mode or 'default'})"
 
 
 def grad_norm_before_step(engine) -> Optional[float]:

@@ -26,10 +26,10 @@ from pipelines.data.files import atomic_write_text
 from pipelines.data.loader import COUNT_KEYS, DataError, check_readers, check_split, read_info
 from train import checkpoint as ckpt
 from train import loaders, signals
-from train.config import (ConfigError, TrainConfig, check_model_name, load_config, model_kwarg_hint, plan_batches,
-                          scaled_lr, write_config)
+from train.config import (ConfigError, TrainConfig, check_compile_backend, check_model_name, load_config,
+                          model_kwarg_hint, plan_batches, scaled_lr, write_config)
 from train.distributed import init_distributed, world_info_from_env
-from train.engine import autocast_dtype, create_engine, deepspeed_config
+from train.engine import autocast_dtype, compile_engine, create_engine, deepspeed_config
 from train.evaluate import evaluate
 from train.logger import RunLogger, alpha_energy, setup_logging
 from train.loop import EpochContext, Position, seed_epoch, train_one_epoch
@@ -80,6 +80,7 @@ def preflight(cfg: TrainConfig) -> None:
     model's name, the data folder, its splits and shards (and enough of them for the readers), and the model's
     arguments (the model is built on the meta device: no memory, no weights)."""
     check_model_name(cfg.model.name)
+    check_compile_backend(cfg)
     num_classes = num_classes_for(cfg, read_info(cfg.data.dir))
     train_shards = check_split(cfg.data.dir, cfg.data.train_split)
     check_split(cfg.data.dir, cfg.data.val_split)
@@ -129,6 +130,7 @@ def run(cfg: TrainConfig, run_dir: str) -> int:
     s = cfg.schedule
     scheduler = create_scheduler(optimizer, s.epochs, s.warmup_epochs, s.warmup_lr, s.min_lr, updates_per_epoch)
     ema = ModelEmaV3(engine.module, decay=cfg.ema.decay, use_warmup=cfg.ema.warmup) if cfg.ema.enabled else None
+    compiled = compile_engine(engine, cfg.compile)  # after the EMA copy, which stays eager
 
     pos, rng_after_skip = Position(), None
     if tag is not None:
@@ -147,6 +149,8 @@ def run(cfg: TrainConfig, run_dir: str) -> int:
              f"global batch {plan.micro_batch_size} x {plan.grad_accum_steps} x {world_size} = "
              f"{plan.global_batch_size}, lr {lr:.3g}, ZeRO-{cfg.deepspeed.zero_stage}, {cfg.deepspeed.precision}, "
              f"{updates_per_epoch} updates/epoch, run dir {run_dir}")
+    if compiled:
+        log.info(f"{compiled}: the first training and evaluation steps compile the model (minutes on a CPU)")
 
     def average_bn() -> None:
         # DeepSpeed leaves each rank with its own BN statistics; evaluate and save their average (timm --dist-bn).
