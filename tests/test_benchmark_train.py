@@ -93,3 +93,22 @@ def test_cli_rejects_zero_rounds_in_one_line():
     proc = subprocess.run([sys.executable, "-m", "pipelines.benchmark", "train", "--rounds", "0"], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stderr.strip() == "--rounds must be at least 1, got 0"
+
+
+@pytest.mark.slow
+def test_cli_compiles_with_inductor(tmp_path):
+    """--compile: each rank's engine compiles its model with inductor (C++ code generated and built on the CPU, in a
+    cache of its own here so nothing earlier is reused) before the timed step, and the header says so."""
+    results_json = tmp_path / "r.json"
+    proc = subprocess.run([sys.executable, "-m", "pipelines.benchmark", "train", "--models", "mrconvnext_atto",
+                           "--batch-size", "2", "--img-size", "32", "--steps", "1", "--warmup", "1", "--num-classes",
+                           "10", "--ranks", "1", "--compile", "--json", str(results_json)], cwd=ROOT,
+                          env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore",
+                                   TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor")),
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    results = json.loads(results_json.read_text())
+    assert [(r["model"], r["compiled"]) for r in results] == [("mrconvnext_atto", True), ("convnext_atto", True)]
+    assert all(r["images_per_sec"] > 0 for r in results)
+    assert "batch 2/rank, 32px, ZeRO-0, fp32, compiled, 1 timed steps after 1 warm-up" in proc.stdout
+    assert any(name.endswith(".so") for _, _, files in os.walk(tmp_path / "inductor") for name in files)

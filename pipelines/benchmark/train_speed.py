@@ -31,9 +31,9 @@ def worker(args: argparse.Namespace) -> int:
     from deepspeed.accelerator import get_accelerator
 
     import models  # noqa: F401  (registers mrconvnext_*)
-    from train.config import BatchPlan, DeepSpeedConfig
+    from train.config import BatchPlan, CompileConfig, DeepSpeedConfig
     from train.distributed import init_distributed
-    from train.engine import create_engine, deepspeed_config
+    from train.engine import compile_engine, create_engine, deepspeed_config
     from train.loop import loss_fn
     from train.optim import create_optimizer
 
@@ -45,6 +45,7 @@ def worker(args: argparse.Namespace) -> int:
     section = DeepSpeedConfig(zero_stage=args.zero_stage, precision=args.precision)
     engine = create_engine(model, optimizer,
                            deepspeed_config(section, BatchPlan(args.batch_size, 1, world.world_size)))
+    compile_engine(engine, CompileConfig(enabled=args.compile))  # compiled in the warm-up steps
     device = get_accelerator().current_device_name()
     images = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device)
     target = torch.randint(0, args.num_classes, (args.batch_size,), device=device)
@@ -70,7 +71,7 @@ def worker(args: argparse.Namespace) -> int:
         print(RESULT_PREFIX + json.dumps({
             "model": args.model, "ranks": world.world_size, "images_per_sec":
             args.batch_size * args.steps * world.world_size / elapsed, "step_ms": 1000 * elapsed / args.steps,
-            "params": params}), flush=True)
+            "params": params, "compiled": engine.is_compiled}), flush=True)
     return 0
 
 
@@ -79,6 +80,7 @@ def measure(model: str, ranks: int, args: argparse.Namespace) -> dict:
            "--master_port", str(free_port()), "-m", "pipelines.benchmark.train_speed", "--worker", "--model", model]
     for key in ("batch_size", "img_size", "steps", "warmup", "zero_stage", "precision", "num_classes"):
         cmd += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
+    cmd += ["--compile"] if args.compile else []
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), PYTHONWARNINGS="ignore")
     proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     for line in proc.stdout.splitlines():
@@ -138,6 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=1,
                    help="measure every cell this many times, the model order reversed every other round; the table "
                         "shows medians (on a shared machine the ratio of one round can be off by 0.1 or more)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile every model (inductor, as the trainer's compile.enabled); the warm-up steps "
+                        "compile it")
     p.add_argument("--json", default=None, help="also write the results here")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--model", default=None, help=argparse.SUPPRESS)
@@ -164,7 +169,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                 label = f" (round {k + 1}/{args.rounds})" if args.rounds > 1 else ""
                 print(f"  {name} x{n} rank(s): {results[-1]['images_per_sec']:.1f} img/s{label}", flush=True)
     print(f"\nDeepSpeed training throughput, synthetic data (one fixed random batch), batch {args.batch_size}/rank, "
-          f"{args.img_size}px, ZeRO-{args.zero_stage}, {args.precision}, {args.steps} timed steps after "
+          f"{args.img_size}px, ZeRO-{args.zero_stage}, {args.precision}{', compiled' if args.compile else ''}, "
+          f"{args.steps} timed steps after "
           f"{args.warmup} warm-up, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '1')}, {args.rounds} round(s) "
           f"(medians); eff@N = img/s at N ranks / (N x per-rank img/s at {ranks[0]} rank(s)); vs convnext at "
           f"{ranks[-1]} rank(s)\n")
