@@ -90,12 +90,13 @@ def test_zero_stages_train(shards, tmp_path, zero0_fp32_weights, stage, launcher
 
 @pytest.mark.slow
 def test_kill_and_term_to_everything_resume_exactly(shards, tmp_path):
-    """fp32 ZeRO-1 with drop path, mixup/cutmix, EMA and a data worker per rank: SIGKILL once a checkpoint
-    exists, resume, stop with `timeout -s TERM` around torchrun (SIGTERM to every rank and every data worker),
-    resume again: the same weights as uninterrupted."""
+    """fp32 ZeRO-1 with drop path, mixup/cutmix, EMA (with warm-up: its decay follows the step, which must resume)
+    and a data worker per rank: SIGKILL once a checkpoint exists, resume, stop with `timeout -s TERM` around torchrun
+    (SIGTERM to every rank and every data worker), resume again: the same weights as uninterrupted."""
     sets = ["deepspeed.zero_stage=1", "deepspeed.precision=fp32", "model.drop_path_rate=0.1", "data.mixup=0.8",
             "data.cutmix=1.0", "data.label_smoothing=0.1", "ema.enabled=true", "ema.decay=0.9",
-            "data.num_workers=1", "checkpoint.every_steps=3", "checkpoint.keep=1", "logging.eval_every_epochs=2"]
+            "ema.warmup=true", "data.num_workers=1", "checkpoint.every_steps=3", "checkpoint.keep=1",
+            "logging.eval_every_epochs=2"]
     straight, broken = tmp_path / "straight", tmp_path / "broken"
     ok(launch(straight, shards, *sets))
 
